@@ -1,0 +1,51 @@
+# The verbs users type. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Debian packages the tests need (real redis-server for shared limits, wrk for benchmarks)
+DEB_PACKAGES := redis-server wrk
+
+.PHONY: help deps deps-system venv lint test test-fast test-unit bench-gateway clean
+
+help: ## list the verbs
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+deps: deps-system venv ## install everything the tests need (idempotent)
+
+deps-system:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+	  | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo ">> installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@echo ">> creating $(VENV) with the pinned Python dependencies"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+lint: venv ## ruff over the Python code
+	$(VENV)/bin/ruff check app tests
+
+test-unit: venv ## unit tests only (seconds)
+	$(PY) -m pytest -q tests/unit
+
+test-fast: deps ## unit + integration: the inner loop
+	$(PY) -m pytest -q tests/unit tests/integration
+
+test: deps lint ## everything CI runs
+	$(PY) -m pytest tests
+
+bench-gateway: deps ## what the gateway adds over a direct call: latency and max rate
+	$(PY) -m tests.bench.gateway_bench
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache

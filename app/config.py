@@ -1,0 +1,155 @@
+"""Gateway configuration: one YAML file (GATEWAY_CONFIG) validated once at start.
+
+Environment settings (GATEWAY_*) say where to listen and where the YAML is; the YAML says
+which models exist and how to reach them. Unknown fields are refused so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRoute(_Strict):
+    name: str = Field(description="public model name clients send", pattern=r"^[A-Za-z0-9._:/-]+$")
+    backend: AnyHttpUrl = Field(description="base URL of the vLLM OpenAI server")
+    served_name: str | None = Field(default=None, description="name the backend serves")
+    task: Literal["generate", "embed"] = Field(
+        default="generate", description="text generation, or embeddings (vLLM --runner pooling)"
+    )
+    max_tokens: int = Field(default=1024, gt=0, description="cap on max_tokens per request")
+    max_concurrency: int = Field(default=64, gt=0, description="in-flight requests to this backend")
+    timeout_s: float = Field(default=120.0, gt=0, description="whole-request deadline")
+    required: bool = Field(default=True, description="whether /ready fails when it is down")
+
+    @property
+    def backend_name(self) -> str:
+        return self.served_name or self.name
+
+    @property
+    def base_url(self) -> str:
+        return str(self.backend).rstrip("/")
+
+
+class RateLimitConfig(_Strict):
+    redis_url: str | None = Field(
+        default=None, description="when set, counters live in Redis and are shared"
+    )
+    window_s: float = Field(default=60.0, gt=0, description="sliding window length")
+    on_redis_error: Literal["open", "closed"] = Field(
+        default="open", description="serve without counting (open) or refuse with 503 (closed)"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class ReadyConfig(_Strict):
+    timeout_s: float = Field(default=2.0, gt=0, description="deadline of each backend /health")
+    cache_s: float = Field(default=1.0, ge=0, description="reuse a /ready answer this long")
+    deep_probe: bool = Field(
+        default=False, description="also send a one-token completion to each generative model"
+    )
+    deep_probe_timeout_s: float = Field(default=10.0, gt=0)
+    deep_probe_interval_s: float = Field(
+        default=30.0, gt=0, description="a deep probe costs a generation: run it at most this often"
+    )
+
+
+class GatewayConfig(_Strict):
+    keys_file: Path = Field(description="hashed API keys (python -m app.keys manages it)")
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace for streams")
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    ready: ReadyConfig = ReadyConfig()
+    models: list[ModelRoute] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for m in self.models:
+            if m.name in seen:
+                raise ValueError(f"model name {m.name!r} is declared twice")
+            seen.add(m.name)
+        return self
+
+    def model(self, name: str) -> ModelRoute | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+class Settings(BaseSettings):
+    """Process settings from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    config: Path = Path("/etc/llm-gateway/gateway.yml")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (remove it or check its spelling)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str) -> GatewayConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (set GATEWAY_CONFIG)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping with at least 'models'")
+    try:
+        cfg = GatewayConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"config file {path} is invalid:\n{_describe(e)}") from None
+    if not cfg.keys_file.is_absolute():
+        cfg = cfg.model_copy(update={"keys_file": (path.parent / cfg.keys_file).resolve()})
+    return cfg
+
+
+def settings_from_env() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise ConfigError(f"bad GATEWAY_* environment variable:\n{_describe(e)}") from None
+
+
+def config_path_from_env() -> Path:
+    return Path(os.environ.get("GATEWAY_CONFIG", Settings.model_fields["config"].default))

@@ -1,0 +1,327 @@
+"""API keys: a JSON file of hashed keys, the lookup the gateway does, and its CLI.
+
+A key reads `sk-<id>-<secret>`. The id (12 hex characters) finds the record; the secret is
+checked against its SHA-256 with a constant-time comparison. Keys are 256-bit random, so a
+fast hash is enough: nothing to brute-force. Only hashes are stored; a new key is printed
+once. Writes are atomic (temp file + rename) and the file is kept at mode 0600.
+
+    python -m app.keys create NAME --models a,b --rpm 60 --tpm 100000 --concurrency 4
+    python -m app.keys list | revoke NAME | rotate NAME [--grace-minutes 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from app.config import ConfigError, config_path_from_env, load_config
+
+KEY_PREFIX = "sk-"
+ID_LEN = 12
+ALL_MODELS = "*"
+
+
+class KeyStoreError(Exception):
+    """The keys file cannot be read or the command cannot be carried out."""
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    hash: str
+    models: list[str]
+    rpm: int
+    tpm: int
+    max_concurrency: int
+    created_at: str
+    expires_at: str | None = None
+    revoked_at: str | None = None
+    # parsed once for the hot path, not stored
+    _expires_ts: float | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._expires_ts = _parse_ts(self.expires_at) if self.expires_at else None
+
+    def allows(self, model: str) -> bool:
+        return ALL_MODELS in self.models or model in self.models
+
+    def expired(self, now: float) -> bool:
+        return self._expires_ts is not None and now >= self._expires_ts
+
+    def active(self, now: float) -> bool:
+        return self.revoked_at is None and not self.expired(now)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("_expires_ts")
+        return d
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def _parse_ts(value: str) -> float:
+    dt = datetime.fromisoformat(value)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """('id', 'secret') of a well-formed key, else None."""
+    if not key.startswith(KEY_PREFIX) or len(key) < len(KEY_PREFIX) + ID_LEN + 2:
+        return None
+    key_id = key[len(KEY_PREFIX) : len(KEY_PREFIX) + ID_LEN]
+    if key[len(KEY_PREFIX) + ID_LEN] != "-":
+        return None
+    return key_id, key[len(KEY_PREFIX) + ID_LEN + 1 :]
+
+
+def new_key() -> tuple[str, str, str]:
+    """(key, id, hash) of a fresh key."""
+    key_id = secrets.token_hex(ID_LEN // 2)
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}{key_id}-{secret}", key_id, _hash(secret)
+
+
+def read_records(path: Path) -> list[KeyRecord]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, json.JSONDecodeError) as e:
+        raise KeyStoreError(f"keys file {path} cannot be read: {e}") from None
+    try:
+        return [KeyRecord(**r) for r in data["keys"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise KeyStoreError(f"keys file {path} is malformed ({e}); restore a backup") from None
+
+
+def write_records(path: Path, records: list[KeyRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps({"version": 1, "keys": [r.to_json() for r in records]}, indent=2)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class KeyStore:
+    """What the gateway consults per request; re-reads the file when it changes."""
+
+    def __init__(self, path: Path, recheck_s: float = 1.0):
+        self.path = path
+        self.recheck_s = recheck_s
+        self._by_id: dict[str, KeyRecord] = {}
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self.reload()
+
+    def reload(self) -> None:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            mtime = None
+        if mtime == self._mtime:
+            return
+        self._by_id = {r.id: r for r in read_records(self.path)}
+        self._mtime = mtime
+
+    def _maybe_reload(self, now: float) -> None:
+        if now - self._checked >= self.recheck_s:
+            self._checked = now
+            try:
+                self.reload()
+            except KeyStoreError:
+                pass  # keep serving the last good file; the CLI reports the bad one
+
+    def authenticate(self, key: str) -> KeyRecord | None:
+        """The active record this key opens, or None."""
+        now = time.time()
+        self._maybe_reload(now)
+        parts = split_key(key)
+        if parts is None:
+            return None
+        rec = self._by_id.get(parts[0])
+        if rec is None:
+            return None
+        if not hmac.compare_digest(_hash(parts[1]), rec.hash):
+            return None
+        return rec if rec.active(now) else None
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _find_active(records: list[KeyRecord], name: str) -> KeyRecord:
+    now = time.time()
+    for r in records:
+        if r.name == name and r.active(now):
+            return r
+    raise KeyStoreError(f"no active key named {name!r} (see: python -m app.keys list)")
+
+
+def _expiry(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        ts = _parse_ts(value)
+    except ValueError:
+        raise KeyStoreError(
+            f"--expires {value!r} is not an ISO date or time (e.g. 2027-01-31 or 2027-01-31T12:00Z)"
+        ) from None
+    if ts <= time.time():
+        raise KeyStoreError(f"--expires {value!r} is in the past")
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def cmd_create(args: argparse.Namespace, path: Path) -> int:
+    records = read_records(path)
+    now = time.time()
+    if any(r.name == args.name and r.active(now) for r in records):
+        raise KeyStoreError(f"an active key named {args.name!r} exists; rotate or revoke it")
+    key, key_id, digest = new_key()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise KeyStoreError("--models needs at least one model name, or '*' for all")
+    records.append(
+        KeyRecord(
+            id=key_id, name=args.name, hash=digest, models=models, rpm=args.rpm, tpm=args.tpm,
+            max_concurrency=args.concurrency, created_at=_now_iso(),
+            expires_at=_expiry(args.expires),
+        )
+    )
+    write_records(path, records)
+    _print_new(args, key)
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
+    records = read_records(path)
+    old = _find_active(records, args.name)
+    key, key_id, digest = new_key()
+    new = KeyRecord(
+        id=key_id, name=old.name, hash=digest, models=old.models, rpm=old.rpm, tpm=old.tpm,
+        max_concurrency=old.max_concurrency, created_at=_now_iso(), expires_at=old.expires_at,
+    )
+    if args.grace_minutes > 0:
+        until = datetime.now(UTC) + timedelta(minutes=args.grace_minutes)
+        if old.expires_at is None or _parse_ts(old.expires_at) > until.timestamp():
+            old.expires_at = until.replace(microsecond=0).isoformat()
+    else:
+        old.revoked_at = _now_iso()
+    records.append(new)
+    write_records(path, records)
+    _print_new(args, key)
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace, path: Path) -> int:
+    records = read_records(path)
+    rec = _find_active(records, args.name)
+    rec.revoked_at = _now_iso()
+    write_records(path, records)
+    print(f"revoked key {rec.name} (id {rec.id})", file=sys.stderr)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, path: Path) -> int:
+    now = time.time()
+    rows = []
+    for r in read_records(path):
+        state = "revoked" if r.revoked_at else "expired" if r.expired(now) else "active"
+        if state != "active" and not args.all:
+            continue
+        rows.append((r.name, r.id, state, ",".join(r.models), str(r.rpm), str(r.tpm),
+                     str(r.max_concurrency), r.expires_at or "-"))
+    if args.json:
+        cols = ("name", "id", "state", "models", "rpm", "tpm", "concurrency", "expires")
+        print(json.dumps([dict(zip(cols, row, strict=True)) for row in rows], indent=2))
+        return 0
+    header = ("NAME", "ID", "STATE", "MODELS", "RPM", "TPM", "CONC", "EXPIRES")
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _print_new(args: argparse.Namespace, key: str) -> None:
+    # The key goes to stdout alone so scripts can capture it; the advice to stderr.
+    print(key)
+    print(f"key {args.name!r}: store it now, it is not shown again", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.keys", description="Manage gateway API keys.")
+    p.add_argument(
+        "--file", type=Path, default=None,
+        help="keys file (default: $GATEWAY_KEYS_FILE, else keys_file from $GATEWAY_CONFIG)",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("create", help="create a key and print it once")
+    c.add_argument("name")
+    c.add_argument("--models", default=ALL_MODELS, help="comma-separated model names, or '*'")
+    c.add_argument("--rpm", type=int, default=60, help="requests per minute")
+    c.add_argument("--tpm", type=int, default=100_000, help="tokens (prompt+completion) per minute")
+    c.add_argument("--concurrency", type=int, default=8, help="max concurrent requests")
+    c.add_argument("--expires", default=None, help="ISO date or time after which it stops working")
+    r = sub.add_parser("rotate", help="replace a key with a new one and print it once")
+    r.add_argument("name")
+    r.add_argument("--grace-minutes", type=int, default=0,
+                   help="keep the old key working this long (default: revoke at once)")
+    v = sub.add_parser("revoke", help="stop a key from working")
+    v.add_argument("name")
+    ls = sub.add_parser("list", help="show keys (never their secrets)")
+    ls.add_argument("--all", action="store_true", help="include revoked and expired keys")
+    ls.add_argument("--json", action="store_true")
+    return p
+
+
+def _keys_path(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    if os.environ.get("GATEWAY_KEYS_FILE"):
+        return Path(os.environ["GATEWAY_KEYS_FILE"])
+    return load_config(config_path_from_env()).keys_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for flag in ("rpm", "tpm", "concurrency"):
+        if getattr(args, flag, 1) < 1:
+            print(f"error: --{flag} must be at least 1", file=sys.stderr)
+            return 2
+    handler = {"create": cmd_create, "rotate": cmd_rotate, "revoke": cmd_revoke,
+               "list": cmd_list}[args.command]
+    try:
+        return handler(args, _keys_path(args.file))
+    except (KeyStoreError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

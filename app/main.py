@@ -1,0 +1,85 @@
+"""Assembly and lifecycle: `app.main:app` is the ASGI app, configured from GATEWAY_CONFIG."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException
+
+from app import health, routes, schemas
+from app.config import GatewayConfig, config_path_from_env, load_config
+from app.errors import error_response
+from app.health import Readiness
+from app.state import Gateway
+
+log = logging.getLogger("gateway")
+
+_HTTP_TYPES = {404: "not_found_error", 405: "invalid_request_error"}
+
+
+def create_app(config: GatewayConfig | None = None) -> FastAPI:
+    """The gateway app; without `config`, the file named by GATEWAY_CONFIG is read now so a
+    bad file stops the process before it listens."""
+    config = config or load_config(config_path_from_env())
+    gw = Gateway(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gw.start()
+        log.info("gateway started with models %s", [m.name for m in config.models])
+        yield
+        await gw.stop()
+
+    app = FastAPI(title="LLM gateway", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, summary="OpenAI-compatible front door to vLLM")
+    app.state.gw = gw
+    app.state.readiness = Readiness(gw)
+    app.include_router(routes.router)
+    app.include_router(health.router)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail),
+                              _HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, "invalid request", "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal error", "api_error", "internal_error")
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                               summary=app.summary)
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            for cls in [*routes.REQUEST_MODELS, schemas.ErrorResponse]:
+                schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(schema.pop("$defs", {}))
+                components[cls.__name__] = schema
+            spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in spec["paths"].items():
+                if path.startswith("/v1/"):
+                    for op in ops.values():
+                        op["security"] = [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app
+
+
+def __getattr__(name: str):
+    # `app.main:app` builds the app on first use, so importing this module has no side effect
+    if name == "app":
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(name)

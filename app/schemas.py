@@ -1,0 +1,112 @@
+"""The OpenAI request and response shapes the gateway checks and documents.
+
+Requests are validated with these models (strict types, so "stream": "yes" is a 400, not a
+silent True) but forwarded as the client's own JSON: parameters the gateway does not know
+(vLLM's extras such as top_k or guided_json) pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_PASS_THROUGH = ConfigDict(extra="allow", strict=True)
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
+class StreamOptions(BaseModel):
+    model_config = _PASS_THROUGH
+    include_usage: bool | None = None
+
+
+class _Generation(BaseModel):
+    model_config = _PASS_THROUGH
+    model: str = Field(min_length=1, description="a model name from GET /v1/models")
+    max_tokens: int | None = Field(default=None, ge=1, description="defaults to the model's cap")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], Field(min_length=1)]
+
+
+class ChatMessage(BaseModel):
+    model_config = _PASS_THROUGH
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = _PASS_THROUGH
+    model: str = Field(min_length=1)
+    input: Annotated[str | list[str] | TokenIds | list[TokenIds], Field(min_length=1)]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+# ---- responses (documentation and schema checks; the gateway relays the backend's JSON)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    usage: Usage | None = None
+
+
+class CompletionResponse(_Response):
+    choices: list[dict[str, Any]]
+
+
+class ChatCompletionResponse(_Response):
+    choices: list[dict[str, Any]]
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, data) -> Path:
+    p = tmp_path / "gateway.yml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+GOOD = {"keys_file": "keys.json",
+        "models": [{"name": "text2sql", "backend": "http://127.0.0.1:8000"}]}
+
+
+def test_valid_config_fills_defaults_and_resolves_keys_file_next_to_it(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    m = cfg.model("text2sql")
+    assert m.backend_name == "text2sql" and m.max_tokens == 1024 and m.task == "generate"
+    assert cfg.keys_file == tmp_path / "keys.json"
+    assert cfg.rate_limit.redis_url is None
+
+
+def test_unknown_field_is_refused_and_named(tmp_path):
+    bad = {**GOOD, "models": [{**GOOD["models"][0], "max_token": 5}]}
+    with pytest.raises(ConfigError, match=r"models\.0\.max_token: unknown field"):
+        load_config(write(tmp_path, bad))
+
+
+@pytest.mark.parametrize("models, field", [
+    ([{"name": "a", "backend": "not a url"}], "models.0.backend"),
+    ([{"name": "a", "backend": "http://x", "max_tokens": 0}], "models.0.max_tokens"),
+    ([{"name": "a b", "backend": "http://x"}], "models.0.name"),
+    ([], "models"),
+])
+def test_bad_values_are_named(tmp_path, models, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, {**GOOD, "models": models}))
+
+
+def test_duplicate_model_names_are_refused(tmp_path):
+    m = GOOD["models"][0]
+    with pytest.raises(ConfigError, match="declared twice"):
+        load_config(write(tmp_path, {**GOOD, "models": [m, m]}))
+
+
+def test_redis_url_must_be_a_redis_url(tmp_path):
+    with pytest.raises(ConfigError, match=r"rate_limit\.redis_url"):
+        load_config(write(tmp_path, {**GOOD, "rate_limit": {"redis_url": "http://x"}}))
+
+
+def test_missing_file_and_bad_yaml_say_what_to_do(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist.*GATEWAY_CONFIG"):
+        load_config(tmp_path / "nope.yml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "models: [\n"))
