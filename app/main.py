@@ -65,6 +65,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
                 schema = cls.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(schema.pop("$defs", {}))
                 components[cls.__name__] = schema
+            _document_models(components, config)
             spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path, ops in spec["paths"].items():
                 if path.startswith("/v1/"):
@@ -75,6 +76,21 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     app.openapi = openapi
     return app
+
+
+def _document_models(components: dict, config: GatewayConfig) -> None:
+    """Put the declared model names and caps into the request schemas, so /openapi.json tells
+    clients (and schemathesis) what exists."""
+    by_task = {t: [m.name for m in config.models if m.task == t] for t in ("generate", "embed")}
+    top_cap = max(m.max_tokens for m in config.models)
+    for cls, task in ((schemas.CompletionRequest, "generate"),
+                      (schemas.ChatCompletionRequest, "generate"),
+                      (schemas.EmbeddingRequest, "embed")):
+        props = components[cls.__name__]["properties"]
+        if by_task[task]:
+            props["model"]["enum"] = by_task[task]
+        if "max_tokens" in props:
+            props["max_tokens"]["anyOf"][0]["maximum"] = top_cap
 
 
 def __getattr__(name: str):

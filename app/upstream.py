@@ -113,5 +113,6 @@ def backend_error_body(raw: bytes, status: int) -> bytes:
         "message": str(err.get("message", "")),
         "type": err.get("type") or "invalid_request_error",
         "param": err.get("param"),
-        "code": err.get("code"),
+        # vLLM sends its code as the HTTP status number; OpenAI's is a string or null
+        "code": None if err.get("code") is None else str(err["code"]),
     }})

@@ -30,8 +30,8 @@ class FakeBackend:
         httpx.post(self.url + "/_stub/stuck", json={"stuck": stuck}).raise_for_status()
 
 
-def start_fake_backend(tmp_path, served_name: str, *args: str) -> FakeBackend:
-    port = free_port()
+def start_fake_backend(tmp_path, served_name: str, *args: str, port: int = 0) -> FakeBackend:
+    port = port or free_port()
     proc = Proc(f"fake-vllm:{served_name}", [
         PYTHON, "-m", "tests.support.fake_vllm", "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", served_name, *args,

@@ -123,8 +123,16 @@ class _Reject(Exception):
 
 
 class Stats:
-    __slots__ = ("requests", "completed", "cancelled", "in_flight", "last_request",
-                 "prompt_tokens", "generation_tokens", "successes")
+    __slots__ = (
+        "requests",
+        "completed",
+        "cancelled",
+        "in_flight",
+        "last_request",
+        "prompt_tokens",
+        "generation_tokens",
+        "successes",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -171,8 +179,9 @@ def _embedding(text: str, dim: int) -> list[float]:
 
 
 class FakeVLLM:
-    def __init__(self, served_model_name: str, embedding_dim: int, token_delay: float,
-                 max_model_len: int) -> None:
+    def __init__(
+        self, served_model_name: str, embedding_dim: int, token_delay: float, max_model_len: int
+    ) -> None:
         self.name = served_model_name
         self.name_json = orjson.dumps(served_model_name)
         self.dim = embedding_dim
@@ -190,9 +199,12 @@ class FakeVLLM:
         st.in_flight += 1
         try:
             resp = await self._serve(request, kind)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # client disconnect (handler_cancellation=True)
             st.cancelled += 1
             raise
+        except ConnectionResetError:  # client gone while we read or wrote
+            st.cancelled += 1
+            return web.Response(status=499)  # aiohttp drops it quietly: the socket is closed
         finally:
             st.in_flight -= 1
         if getattr(resp, "_fake_cancelled", False):
@@ -224,30 +236,45 @@ class FakeVLLM:
                 pos, msg = e.pos, e.msg
             except UnicodeDecodeError:
                 pos, msg = 0, "Invalid UTF-8"
-            err = {"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error",
-                   "input": {}, "ctx": {"error": msg}}
+            err = {
+                "type": "json_invalid",
+                "loc": ("body", pos),
+                "msg": "JSON decode error",
+                "input": {},
+                "ctx": {"error": msg},
+            }
             raise _Reject(_validation_error(err, f"body.{pos}")) from None
         self.stats.last_request = body
         if not isinstance(body, dict):
-            err = {"type": "model_attributes_type", "loc": ("body",),
-                   "msg": "Input should be a valid dictionary or object to extract fields from",
-                   "input": body}
+            err = {
+                "type": "model_attributes_type",
+                "loc": ("body",),
+                "msg": "Input should be a valid dictionary or object to extract fields from",
+                "input": body,
+            }
             raise _Reject(_validation_error(err, "body"))
         return body
 
     @staticmethod
     def _require(body: dict, field: str) -> Any:
         if field not in body:
-            err = {"type": "missing", "loc": ("body", field), "msg": "Field required",
-                   "input": body}
+            err = {
+                "type": "missing",
+                "loc": ("body", field),
+                "msg": "Field required",
+                "input": body,
+            }
             raise _Reject(_validation_error(err, f"body.{field}"))
         return body[field]
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
         if model and model != self.name:
-            raise _Reject(error_response(f"The model `{model}` does not exist.",
-                                         "NotFoundError", 404, "model"))
+            raise _Reject(
+                error_response(
+                    f"The model `{model}` does not exist.", "NotFoundError", 404, "model"
+                )
+            )
 
     def _max_tokens(self, body: dict, prompt_tokens: int, chat: bool) -> int:
         n = body.get("max_completion_tokens") if chat else None
@@ -256,23 +283,33 @@ class FakeVLLM:
         if n is None:
             n = DEFAULT_MAX_TOKENS
         if isinstance(n, bool) or not isinstance(n, int):
-            err = {"type": "int_type", "loc": ("body", "max_tokens"),
-                   "msg": "Input should be a valid integer", "input": n}
+            err = {
+                "type": "int_type",
+                "loc": ("body", "max_tokens"),
+                "msg": "Input should be a valid integer",
+                "input": n,
+            }
             raise _Reject(_validation_error(err, "body.max_tokens"))
         if n < 1:
-            raise _Reject(error_response(f"max_tokens must be at least 1, got {n}.",
-                                         "BadRequestError", 400, "max_tokens"))
-        if prompt_tokens >= self.max_model_len:
-            raise _Reject(error_response(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"your request has {prompt_tokens} input tokens. Please reduce the length of the "
-                "input messages.", "BadRequestError", 400, "input_tokens"))
-        if prompt_tokens + n > self.max_model_len:
-            raise _Reject(error_response(
+            raise _Reject(
+                error_response(
+                    f"max_tokens must be at least 1, got {n}.", "BadRequestError", 400, "max_tokens"
+                )
+            )
+        limit = self.max_model_len
+        if prompt_tokens >= limit:
+            msg = (
+                f"This model's maximum context length is {limit} tokens. However, your request "
+                f"has {prompt_tokens} input tokens. Please reduce the length of the input messages."
+            )
+            raise _Reject(error_response(msg, "BadRequestError", 400, "input_tokens"))
+        if prompt_tokens + n > limit:
+            msg = (
                 f"'max_tokens' or 'max_completion_tokens' is too large: {n}. This model's maximum "
-                f"context length is {self.max_model_len} tokens and your request has "
-                f"{prompt_tokens} input tokens ({n} > {self.max_model_len} - {prompt_tokens}).",
-                "BadRequestError", 400, "max_tokens"))
+                f"context length is {limit} tokens and your request has {prompt_tokens} input "
+                f"tokens ({n} > {limit} - {prompt_tokens})."
+            )
+            raise _Reject(error_response(msg, "BadRequestError", 400, "max_tokens"))
         return n
 
     @staticmethod
@@ -303,8 +340,12 @@ class FakeVLLM:
             if chat:
                 messages = self._require(body, "messages")
                 if not isinstance(messages, list):
-                    err = {"type": "list_type", "loc": ("body", "messages"),
-                           "msg": "Input should be a valid list", "input": messages}
+                    err = {
+                        "type": "list_type",
+                        "loc": ("body", "messages"),
+                        "msg": "Input should be a valid list",
+                        "input": messages,
+                    }
                     raise _Reject(_validation_error(err, "body.messages"))
                 texts = []
                 for m in messages:
@@ -314,9 +355,13 @@ class FakeVLLM:
             else:
                 prompt = body.get("prompt")
                 if prompt is None or prompt == "" or prompt == []:
-                    err = {"type": "value_error", "loc": ("body",),
-                           "msg": "Value error, Either prompt or prompt_embeds must be provided "
-                                  "and non-empty. (parameter=prompt)", "input": body}
+                    err = {
+                        "type": "value_error",
+                        "loc": ("body",),
+                        "msg": "Value error, Either prompt or prompt_embeds must be provided "
+                        "and non-empty. (parameter=prompt)",
+                        "input": body,
+                    }
                     raise _Reject(_validation_error(err, "prompt"))
                 texts, prompt_tokens = [], 0
                 for p in prompt if isinstance(prompt, list) else [prompt]:
@@ -330,9 +375,12 @@ class FakeVLLM:
             stream = bool(body.get("stream"))
             stream_options = body.get("stream_options")
             if stream_options and not stream:
-                err = {"type": "value_error", "loc": ("body",),
-                       "msg": "Value error, Stream options can only be defined when "
-                              "`stream=True`.", "input": body}
+                err = {
+                    "type": "value_error",
+                    "loc": ("body",),
+                    "msg": "Value error, Stream options can only be defined when `stream=True`.",
+                    "input": body,
+                }
                 raise _Reject(_validation_error(err, "stream_options"))
             self._check_model(body)
             n = self._max_tokens(body, prompt_tokens, chat)
@@ -348,70 +396,139 @@ class FakeVLLM:
         created = int(time.time())
         if stream:
             include_usage = isinstance(stream_options, dict) and bool(
-                stream_options.get("include_usage", True))
-            return await self._stream(request, chat, rid, created, prompt_tokens, n, delay,
-                                      include_usage)
+                stream_options.get("include_usage", True)
+            )
+            return await self._stream(
+                request, chat, rid, created, prompt_tokens, n, delay, include_usage
+            )
 
         if delay > 0:
             await asyncio.sleep(delay * n)
         await self._wait_unstuck()
         text = _tokens(n)[1]
-        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n,
-                 "completion_tokens": n, "prompt_tokens_details": None}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens + n,
+            "completion_tokens": n,
+            "prompt_tokens_details": None,
+        }
         if chat:
-            choice = {"index": 0,
-                      "message": {"role": "assistant", "content": text, "refusal": None,
-                                  "annotations": None, "audio": None, "function_call": None,
-                                  "tool_calls": [], "reasoning_content": None},
-                      "logprobs": None, "finish_reason": "length", "stop_reason": None,
-                      "token_ids": None}
-            out = {"id": rid, "object": "chat.completion", "created": created,
-                   "model": self.name, "choices": [choice], "service_tier": None,
-                   "system_fingerprint": None, "usage": usage, "prompt_logprobs": None,
-                   "prompt_token_ids": None, "kv_transfer_params": None}
+            choice = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "annotations": None,
+                    "audio": None,
+                    "function_call": None,
+                    "tool_calls": [],
+                    "reasoning_content": None,
+                },
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "token_ids": None,
+            }
+            out = {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.name,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+                "kv_transfer_params": None,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length",
-                      "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                      "prompt_token_ids": None}
-            out = {"id": rid, "object": "text_completion", "created": created,
-                   "model": self.name, "choices": [choice], "service_tier": None,
-                   "system_fingerprint": None, "usage": usage, "kv_transfer_params": None}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+                "token_ids": None,
+                "prompt_logprobs": None,
+                "prompt_token_ids": None,
+            }
+            out = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.name,
+                "choices": [choice],
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage,
+                "kv_transfer_params": None,
+            }
         self.stats.generation_tokens += n
         self.stats.successes += 1
         return _json(out)
 
-    async def _stream(self, request: web.Request, chat: bool, rid: str, created: int,
-                      prompt_tokens: int, n: int, delay: float,
-                      include_usage: bool) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: bool,
+        rid: str,
+        created: int,
+        prompt_tokens: int,
+        n: int,
+        delay: float,
+        include_usage: bool,
+    ) -> web.StreamResponse:
         obj = b'"chat.completion.chunk"' if chat else b'"text_completion"'
-        head = (b'data: {"id":' + orjson.dumps(rid) + b',"object":' + obj + b',"created":'
-                + str(created).encode() + b',"model":' + self.name_json + b',"choices":')
+        head = (
+            b'data: {"id":'
+            + orjson.dumps(rid)
+            + b',"object":'
+            + obj
+            + b',"created":'
+            + str(created).encode()
+            + b',"model":'
+            + self.name_json
+            + b',"choices":'
+        )
         if chat:
-            role = head + (b'[{"index":0,"delta":{"role":"assistant","content":""},'
-                           b'"logprobs":null,"finish_reason":null}],"prompt_token_ids":null}\n\n')
+            role = head + (
+                b'[{"index":0,"delta":{"role":"assistant","content":""},'
+                b'"logprobs":null,"finish_reason":null}],"prompt_token_ids":null}\n\n'
+            )
             pre = head + b'[{"index":0,"delta":{"content":"'
             mid = b'"},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
-            end = (b'"},"logprobs":null,"finish_reason":"length","stop_reason":null,'
-                   b'"token_ids":null}]}\n\n')
+            end = (
+                b'"},"logprobs":null,"finish_reason":"length","stop_reason":null,'
+                b'"token_ids":null}]}\n\n'
+            )
         else:
             role = b""
             pre = head + b'[{"index":0,"text":"'
-            mid = (b'","logprobs":null,"finish_reason":null,"stop_reason":null,'
-                   b'"prompt_token_ids":null,"token_ids":null}]}\n\n')
-            end = (b'","logprobs":null,"finish_reason":"length","stop_reason":null,'
-                   b'"prompt_token_ids":null,"token_ids":null}]}\n\n')
+            mid = (
+                b'","logprobs":null,"finish_reason":null,"stop_reason":null,'
+                b'"prompt_token_ids":null,"token_ids":null}]}\n\n'
+            )
+            end = (
+                b'","logprobs":null,"finish_reason":"length","stop_reason":null,'
+                b'"prompt_token_ids":null,"token_ids":null}]}\n\n'
+            )
         tail = _DONE
         if include_usage:
-            usage = (b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
-                     % (prompt_tokens, prompt_tokens + n, n))
+            usage = b'{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}' % (
+                prompt_tokens,
+                prompt_tokens + n,
+                n,
+            )
             tail = head + b'[],"usage":' + usage + b"}\n\n" + _DONE
         pieces = _tokens(n)[0]
         last = n - 1
 
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-        await resp.prepare(request)
         sent = 0
         try:
+            await resp.prepare(request)
             if delay <= 0:
                 await self._wait_unstuck()
                 buf = [role]
@@ -462,15 +579,24 @@ class FakeVLLM:
                     inp = None
                     break
         if not items or inp is None:
-            err = {"type": "string_type", "loc": ("body", "input", "str"),
-                   "msg": "Input should be a valid string", "input": body.get("input")}
+            err = {
+                "type": "string_type",
+                "loc": ("body", "input", "str"),
+                "msg": "Input should be a valid string",
+                "input": body.get("input"),
+            }
             raise _Reject(_validation_error(err, "body.input"))
         if prompt_tokens > self.max_model_len:
-            raise _Reject(error_response(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {prompt_tokens} tokens in the input for embedding generation. "
-                "Please reduce the length of the input.", "BadRequestError", 400,
-                "input_tokens"))
+            raise _Reject(
+                error_response(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"you requested {prompt_tokens} tokens in the input for embedding generation. "
+                    "Please reduce the length of the input.",
+                    "BadRequestError",
+                    400,
+                    "input_tokens",
+                )
+            )
         await self._wait_unstuck()
         await self._apply_directives(_directives(items))
         b64 = body.get("encoding_format") == "base64"
@@ -480,10 +606,19 @@ class FakeVLLM:
             emb: Any = base64.b64encode(array("f", vec).tobytes()).decode() if b64 else vec
             data.append({"index": i, "object": "embedding", "embedding": emb})
         self.stats.prompt_tokens += prompt_tokens
-        out = {"id": "embd-" + self._request_id(request, body), "object": "list",
-               "created": int(time.time()), "model": self.name, "data": data,
-               "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
-                         "completion_tokens": 0, "prompt_tokens_details": None}}
+        out = {
+            "id": "embd-" + self._request_id(request, body),
+            "object": "list",
+            "created": int(time.time()),
+            "model": self.name,
+            "data": data,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "total_tokens": prompt_tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
         return _json(out)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -500,40 +635,88 @@ class FakeVLLM:
 
     async def models(self, request: web.Request) -> web.Response:
         now = int(time.time())
-        perm = {"id": "modelperm-" + os.urandom(16).hex(), "object": "model_permission",
-                "created": now, "allow_create_engine": False, "allow_sampling": True,
-                "allow_logprobs": True, "allow_search_indices": False, "allow_view": True,
-                "allow_fine_tuning": False, "organization": "*", "group": None,
-                "is_blocking": False}
-        card = {"id": self.name, "object": "model", "created": now, "owned_by": "vllm",
-                "root": self.name, "parent": None, "max_model_len": self.max_model_len,
-                "permission": [perm]}
+        perm = {
+            "id": "modelperm-" + os.urandom(16).hex(),
+            "object": "model_permission",
+            "created": now,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }
+        card = {
+            "id": self.name,
+            "object": "model",
+            "created": now,
+            "owned_by": "vllm",
+            "root": self.name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [perm],
+        }
         return _json({"object": "list", "data": [card]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         lbl = '{engine="0",model_name=' + self.name_json.decode() + "}"
         st = self.stats
         rows = [
-            ("vllm:num_requests_running", "gauge", "Number of requests in model execution "
-             "batches.", lbl, st.in_flight),
-            ("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-             lbl, 0),
-            ("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-             lbl, 0),
-            ("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", lbl,
-             st.prompt_tokens),
-            ("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
-             lbl, st.generation_tokens),
-            ("vllm:request_success_total", "counter", "Count of successfully processed requests.",
-             lbl[:-1].replace("{engine=\"0\",", "{engine=\"0\",finished_reason=\"length\",")
-             + "}", st.successes),
+            (
+                "vllm:num_requests_running",
+                "gauge",
+                "Number of requests in model execution batches.",
+                lbl,
+                st.in_flight,
+            ),
+            (
+                "vllm:num_requests_waiting",
+                "gauge",
+                "Number of requests waiting to be processed.",
+                lbl,
+                0,
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                "gauge",
+                "KV-cache usage. 1 means 100 percent usage.",
+                lbl,
+                0,
+            ),
+            (
+                "vllm:prompt_tokens_total",
+                "counter",
+                "Number of prefill tokens processed.",
+                lbl,
+                st.prompt_tokens,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "counter",
+                "Number of generation tokens processed.",
+                lbl,
+                st.generation_tokens,
+            ),
+            (
+                "vllm:request_success_total",
+                "counter",
+                "Count of successfully processed requests.",
+                lbl[:-1].replace('{engine="0",', '{engine="0",finished_reason="length",') + "}",
+                st.successes,
+            ),
         ]
         out = []
         for name, kind, help_, labels, value in rows:
-            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n"
-                       f"{name}{labels} {float(value)}\n")
-        return web.Response(body="".join(out).encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+            out.append(
+                f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name}{labels} {float(value)}\n"
+            )
+        return web.Response(
+            body="".join(out).encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
 
     async def not_found(self, request: web.Request) -> web.Response:
         return _json({"detail": "Not Found"}, status=404)
@@ -542,16 +725,22 @@ class FakeVLLM:
 
     async def stub_stats(self, request: web.Request) -> web.Response:
         st = self.stats
-        return _json({"requests": st.requests, "completed": st.completed,
-                      "cancelled": st.cancelled, "in_flight": st.in_flight,
-                      "last_request": st.last_request, "stuck": not self.unstuck.is_set()})
+        return _json(
+            {
+                "requests": st.requests,
+                "completed": st.completed,
+                "cancelled": st.cancelled,
+                "in_flight": st.in_flight,
+                "last_request": st.last_request,
+                "stuck": not self.unstuck.is_set(),
+            }
+        )
 
     async def stub_stuck(self, request: web.Request) -> web.Response:
         try:
             body = orjson.loads(await request.read() or b"{}")
         except orjson.JSONDecodeError:
-            return error_response("body must be JSON like {\"stuck\": true}", "BadRequestError",
-                                  400)
+            return error_response('body must be JSON like {"stuck": true}', "BadRequestError", 400)
         stuck = bool(body.get("stuck", True)) if isinstance(body, dict) else True
         if stuck:
             self.unstuck.clear()
@@ -564,8 +753,12 @@ class FakeVLLM:
         return _json({"reset": True})
 
 
-def build_app(served_model_name: str, embedding_dim: int = 384, token_delay: float = 0.0,
-              max_model_len: int = 32768) -> web.Application:
+def build_app(
+    served_model_name: str,
+    embedding_dim: int = 384,
+    token_delay: float = 0.0,
+    max_model_len: int = 32768,
+) -> web.Application:
     """The aiohttp application. Serve it with handler_cancellation=True (see start_server) so that
     client disconnects cancel handlers and show up as "cancelled" in /_stub/stats."""
     fake = FakeVLLM(served_model_name, embedding_dim, token_delay, max_model_len)
@@ -585,8 +778,9 @@ def build_app(served_model_name: str, embedding_dim: int = 384, token_delay: flo
     return app
 
 
-async def start_server(app: web.Application, host: str = "127.0.0.1",
-                       port: int = 0) -> tuple[web.AppRunner, int]:
+async def start_server(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, int]:
     """Serve ``app`` in the running loop; returns (runner, port). Stop with runner.cleanup()."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -597,29 +791,35 @@ async def start_server(app: web.Application, host: str = "127.0.0.1",
 
 
 async def _main(args: argparse.Namespace) -> None:
-    app = build_app(args.served_model_name, args.embedding_dim, args.token_delay,
-                    args.max_model_len)
+    app = build_app(
+        args.served_model_name, args.embedding_dim, args.token_delay, args.max_model_len
+    )
     runner, port = await start_server(app, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"fake_vllm serving {args.served_model_name!r} on http://{args.host}:{port}",
-          flush=True)
+    print(f"fake_vllm serving {args.served_model_name!r} on http://{args.host}:{port}", flush=True)
     await stop.wait()
     app["fake_vllm"].unstuck.set()
     await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.support.fake_vllm",
-                                description="Stand-in for vLLM's OpenAI-compatible server.")
+    p = argparse.ArgumentParser(
+        prog="python -m tests.support.fake_vllm",
+        description="Stand-in for vLLM's OpenAI-compatible server.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     p.add_argument("--served-model-name", required=True)
     p.add_argument("--embedding-dim", type=int, default=384)
-    p.add_argument("--token-delay", type=float, default=0.0,
-                   help="seconds per generated token (streamed: between chunks)")
+    p.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.0,
+        help="seconds per generated token (streamed: between chunks)",
+    )
     p.add_argument("--max-model-len", type=int, default=32768)
     args = p.parse_args(argv)
     try:
