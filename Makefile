@@ -49,3 +49,6 @@ bench-gateway: deps ## what the gateway adds over a direct call: latency and max
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# each capability keeps its verbs in mk/<capability>.mk
+include $(wildcard mk/*.mk)
