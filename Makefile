@@ -5,7 +5,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-# Debian packages the tests need (real redis-server for shared limits, wrk for benchmarks)
+# Debian packages the tests need (real redis-server for shared limits, wrk for benchmarks);
+# mk/*.mk add theirs. Installed with services kept stopped: we start our own, on loopback.
 DEB_PACKAGES := redis-server wrk
 
 .PHONY: help deps deps-system venv lint test test-fast test-unit bench-gateway clean
@@ -21,7 +22,12 @@ deps-system:
 	if [ -n "$$missing" ]; then \
 	  echo ">> installing Debian packages: $$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO sh -c 'test -e /usr/sbin/policy-rc.d || { printf "#!/bin/sh\nexit 101\n" \
+	    > /usr/sbin/policy-rc.d.llm && chmod +x /usr/sbin/policy-rc.d.llm \
+	    && mv /usr/sbin/policy-rc.d.llm /usr/sbin/policy-rc.d && touch /tmp/.llm-policy-rc; }'; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	  rc=$$?; test -e /tmp/.llm-policy-rc && $$SUDO rm -f /usr/sbin/policy-rc.d /tmp/.llm-policy-rc; \
+	  exit $$rc; \
 	fi
 
 venv: $(VENV)/.installed
@@ -38,7 +44,7 @@ lint: venv ## ruff over the Python code
 test-unit: venv ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit
 
-test-fast: deps ## unit + integration: the inner loop
+test-fast: deps-system venv ## unit + integration: the inner loop
 	$(PY) -m pytest -q tests/unit tests/integration
 
 test: deps lint ## everything CI runs

@@ -102,10 +102,16 @@ def new_key() -> tuple[str, str, str]:
 
 def read_records(path: Path) -> list[KeyRecord]:
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         return []
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise KeyStoreError(f"keys file {path} cannot be read: {e}") from None
+    if not text.strip():
+        return []  # created empty by the installer: no keys yet
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise KeyStoreError(f"keys file {path} cannot be read: {e}") from None
     try:
         return [KeyRecord(**r) for r in data["keys"]]

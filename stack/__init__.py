@@ -1,0 +1,1 @@
+"""Deployment-side tooling: the model declaration, rendering, local mode, AWS operations."""
