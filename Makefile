@@ -50,6 +50,9 @@ test-fast: deps-system venv ## unit + integration: the inner loop
 test: deps lint ## everything CI runs
 	$(PY) -m pytest tests
 
+plan-gpu: venv ## fit the declared models on one GPU (GPU=a10g|l4|a100-40|a100-80|h100|<GiB>)
+	@$(PY) -m stack.gpu_planner --gpu $(or $(GPU),a10g)
+
 bench-gateway: deps ## what the gateway adds over a direct call: latency and max rate
 	$(PY) -m tests.bench.gateway_bench
 

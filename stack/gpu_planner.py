@@ -1,0 +1,261 @@
+"""GPU memory planner: --gpu-memory-utilization for each model sharing one GPU, computed from
+the models' architectures instead of guessed.
+
+    python -m stack.gpu_planner [--gpu a10g|l4|a100-40|a100-80|h100|<GiB>] [--models-dir DIR]
+
+vLLM's rules it follows:
+- each instance's --gpu-memory-utilization is a share of the WHOLE GPU, and an instance refuses
+  to start when free memory is below its share, so the shares must sum below 1;
+- inside its share an instance holds its weights, its peak activations (profiled at start with
+  max_num_batched_tokens), memory outside torch (CUDA context, cuBLAS/NCCL workspaces, CUDA
+  graphs), and the KV cache gets the rest;
+- the KV cache is handed out in blocks of 16 tokens; one token costs
+  2 (K and V) x layers x KV heads x head_dim x bytes of the KV dtype.
+The per-instance overheads below are estimates (marked); the KV arithmetic is exact, and is
+checked against what real vLLM reports at start (tests/e2e).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stack import declaration
+
+GIB = 1024**3
+GPUS_GIB = {"a10g": 24.0, "l4": 24.0, "a100-40": 40.0, "a100-80": 80.0, "h100": 80.0}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "F32": 4, "F16": 2,
+               "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
+BLOCK_SIZE = 16
+# Estimates per instance (not measured on an A10G here): CUDA context and library workspaces
+# outside torch, and CUDA graph captures.
+NON_TORCH_GIB = 0.6
+CUDA_GRAPHS_GIB = 0.4
+# vLLM's default chunked-prefill budget per step; activations scale with it
+MAX_NUM_BATCHED_TOKENS = 8192
+# the sum of shares stays under this: room for the driver, DCGM and fragmentation
+DEFAULT_MARGIN = 0.92
+CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+class PlanError(Exception):
+    """The models cannot share the GPU as declared; the message says what to lower."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype_bytes: int
+    decoder: bool  # encoder-only (embedding) models keep no KV cache
+    tied_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Architecture:
+        heads = cfg["num_attention_heads"]
+        arch = " ".join(cfg.get("architectures", []))
+        return cls(
+            layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"],
+            intermediate=cfg.get("intermediate_size", 4 * cfg["hidden_size"]), heads=heads,
+            kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab=cfg["vocab_size"],
+            dtype_bytes=DTYPE_BYTES.get(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16",
+                                        2),
+            decoder="CausalLM" in arch or cfg.get("model_type") in ("qwen2", "llama", "mistral"),
+            tied_embeddings=cfg.get("tie_word_embeddings", False),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes \
+            if self.decoder else 0
+
+    def estimated_params(self) -> int:
+        attn = self.hidden * self.heads * self.head_dim * 2 \
+            + self.hidden * self.kv_heads * self.head_dim * 2
+        mlp = (3 if self.decoder else 2) * self.hidden * self.intermediate
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings or not self.decoder else 2)
+        return embed + self.layers * (attn + mlp + 4 * self.hidden)
+
+    def activation_bytes(self, batched_tokens: int, max_num_seqs: int) -> int:
+        """Peak of one forward pass: a layer's hidden/MLP tensors for the batch plus the
+        float32 logits of the sampled rows (an estimate of what vLLM's profiling run sees)."""
+        per_token = (4 * self.hidden + 2 * self.intermediate) * self.dtype_bytes
+        logits = max_num_seqs * self.vocab * 4 if self.decoder else 0
+        return batched_tokens * per_token + logits
+
+
+def safetensors_bytes(model_dir: Path) -> int | None:
+    """Weight bytes from the safetensors index or headers (no tensor is read)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total:
+            return int(total)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                total += math.prod(t["shape"]) * DTYPE_BYTES.get(t["dtype"], 2)
+    return total
+
+
+@dataclass
+class ModelPlan:
+    name: str
+    weights_gib: float
+    overhead_gib: float
+    kv_gib: float = 0.0
+    fraction: float = 0.0
+    kv_tokens: int = 0
+    full_context_seqs: int = 0
+    explicit: bool = False
+
+
+def kv_tokens(arch: Architecture, kv_bytes: float) -> int:
+    """Tokens a KV budget holds, in whole blocks (what vLLM reports as its KV cache size)."""
+    if not arch.kv_bytes_per_token:
+        return 0
+    blocks = int(kv_bytes // (arch.kv_bytes_per_token * BLOCK_SIZE))
+    return blocks * BLOCK_SIZE
+
+
+def load_architecture(spec: declaration.ModelSpec, models_dir: Path | None) -> tuple:
+    """(Architecture, weight bytes) from the downloaded model when present, else the bundled
+    config of its hf_repo."""
+    for d in ([models_dir / spec.name] if models_dir else []) + [CONFIGS / spec.hf_repo]:
+        if (d / "config.json").exists():
+            arch = Architecture.from_config(json.loads((d / "config.json").read_text()))
+            weights = safetensors_bytes(d) or arch.estimated_params() * arch.dtype_bytes
+            return arch, weights
+    raise PlanError(f"no config.json for {spec.name} ({spec.hf_repo}): download the model or "
+                    f"add {CONFIGS / spec.hf_repo / 'config.json'}")
+
+
+def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path | None = None,
+         margin: float = DEFAULT_MARGIN, architectures: dict | None = None) -> list[ModelPlan]:
+    budget = gpu_gib * margin
+    loaded = {m.name: (architectures or {}).get(m.name) or load_architecture(m, models_dir)
+              for m in models}
+    plans, want_kv = [], {}
+    for m in models:
+        arch, weights = loaded[m.name]
+        batched = max(MAX_NUM_BATCHED_TOKENS, m.max_model_len)
+        overhead = (NON_TORCH_GIB + (CUDA_GRAPHS_GIB if arch.decoder else 0)
+                    + arch.activation_bytes(batched, m.max_num_seqs) / GIB)
+        p = ModelPlan(m.name, weights / GIB, overhead)
+        # vLLM needs room for at least one sequence at full context; it wants all of them
+        per_seq = math.ceil(m.max_model_len / BLOCK_SIZE) * BLOCK_SIZE * arch.kv_bytes_per_token
+        want_kv[m.name] = (per_seq / GIB, per_seq * m.max_num_seqs / GIB)
+        if m.gpu_memory_utilization is not None:
+            p.fraction, p.explicit = m.gpu_memory_utilization, True
+            p.kv_gib = max(0.0, p.fraction * gpu_gib - p.weights_gib - p.overhead_gib)
+        plans.append(p)
+
+    fixed = sum(p.weights_gib + p.overhead_gib for p in plans if not p.explicit)
+    fixed += sum(p.fraction * gpu_gib for p in plans if p.explicit)
+    auto = [p for p in plans if not p.explicit]
+    free = budget - fixed - 0.001 * gpu_gib * len(auto)  # room for rounding each share up
+    need_min = sum(want_kv[p.name][0] for p in auto)
+    if free < need_min:
+        short = need_min - free
+        worst = max(auto or plans, key=lambda p: p.weights_gib + want_kv[p.name][0])
+        raise PlanError(
+            f"the models do not fit on a {gpu_gib:g} GiB GPU: {short:.2f} GiB short "
+            f"(weights and overheads {fixed:.2f} GiB, one full-context sequence each "
+            f"{need_min:.2f} GiB, usable {budget:.2f} GiB). Lower max_model_len or "
+            f"max_num_seqs, use a smaller or quantized model (largest: {worst.name}, "
+            f"{worst.weights_gib:.2f} GiB of weights), or move a model to another GPU.")
+    want_full = sum(want_kv[p.name][1] for p in auto)
+    for p in auto:
+        lo, full = want_kv[p.name]
+        if want_full <= free:
+            share = full + (free - want_full) * (full / want_full if want_full else 1 / len(auto))
+        else:  # everyone keeps one full sequence; the rest is shared by what each wants
+            spare = free - need_min
+            extra = full - lo
+            share = lo + spare * (extra / (want_full - need_min) if want_full > need_min else 0)
+        # 3 decimals: what the instance cannot do without rounds up, its KV share down
+        p.fraction = (math.ceil((p.weights_gib + p.overhead_gib) / gpu_gib * 1000)
+                      + math.floor(share / gpu_gib * 1000)) / 1000
+        p.kv_gib = p.fraction * gpu_gib - p.weights_gib - p.overhead_gib
+    for p, m in zip(plans, models, strict=True):
+        arch = loaded[m.name][0]
+        p.kv_tokens = kv_tokens(arch, p.kv_gib * GIB)
+        p.full_context_seqs = min(m.max_num_seqs, p.kv_tokens // m.max_model_len) \
+            if arch.decoder else m.max_num_seqs
+        if arch.decoder and p.kv_tokens < m.max_model_len:
+            raise PlanError(
+                f"{m.name}: its share ({p.fraction}) leaves {p.kv_gib:.2f} GiB of KV cache, "
+                f"less than one {m.max_model_len}-token sequence; raise gpu_memory_utilization "
+                f"or lower max_model_len")
+    if sum(p.fraction for p in plans) > margin + 1e-9:
+        raise PlanError(f"the declared gpu_memory_utilization values sum to "
+                        f"{sum(p.fraction for p in plans):.3f}, above {margin}: lower them")
+    return plans
+
+
+def table(plans: list[ModelPlan], gpu_gib: float) -> str:
+    rows = [("MODEL", "WEIGHTS GiB", "OVERHEAD GiB", "KV GiB", "KV TOKENS", "SEQS@FULL CTX",
+             "--gpu-memory-utilization")]
+    for p in plans:
+        rows.append((p.name, f"{p.weights_gib:.2f}", f"{p.overhead_gib:.2f}", f"{p.kv_gib:.2f}",
+                     str(p.kv_tokens), str(p.full_context_seqs),
+                     f"{p.fraction:.3f}" + (" (declared)" if p.explicit else "")))
+    total = sum(p.fraction for p in plans)
+    rows.append(("total", "", "", "", "", "", f"{total:.3f} of {gpu_gib:g} GiB"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def gpu_size(value: str) -> float:
+    key = value.lower()
+    if key in GPUS_GIB:
+        return GPUS_GIB[key]
+    try:
+        return float(key.removesuffix("gib"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown GPU {value!r}: one of {', '.join(GPUS_GIB)} or a size in GiB") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m stack.gpu_planner",
+                                 description="Fit the declared models on one GPU.")
+    ap.add_argument("--gpu", type=gpu_size, default="a10g", help="GPU kind or size in GiB")
+    ap.add_argument("--models-dir", type=Path, help="downloaded models (<dir>/<name>)")
+    ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
+    ap.add_argument("--json", action="store_true", help="{name: gpu_memory_utilization}")
+    args = ap.parse_args(argv)
+    try:
+        plans = plan(declaration.load(), args.gpu, args.models_dir, args.margin)
+    except (PlanError, declaration.DeclarationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({p.name: p.fraction for p in plans}))
+    else:
+        print(table(plans, args.gpu))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
