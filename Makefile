@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint: venv ## ruff over the Python code
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff check app stack tests loadtest
 
 test-unit: venv ## unit tests only (seconds)
 	$(PY) -m pytest -q tests/unit

@@ -125,6 +125,11 @@ def write_records(path: Path, records: list[KeyRecord]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600)
+        try:  # keep the owner (the gateway's service user) when root runs the CLI
+            st = path.stat()
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except (FileNotFoundError, PermissionError):
+            pass
         with os.fdopen(fd, "w") as f:
             f.write(body + "\n")
             f.flush()

@@ -107,3 +107,13 @@ def test_corrupt_file_is_reported_not_overwritten(tmp_path, capsys):
     rc, _, err = run(capsys, path, "create", "gina")
     assert rc == 1 and "cannot be read" in err
     assert path.read_text() == "{not json"
+
+
+def test_writes_keep_the_files_owner(tmp_path, capsys):
+    import os
+
+    path = tmp_path / "keys.json"
+    run(capsys, path, "create", "owner-probe")
+    os.chown(path, 4321, 4321)  # as if the gateway's service user owned it
+    run(capsys, path, "create", "another")
+    assert (path.stat().st_uid, path.stat().st_gid) == (4321, 4321)

@@ -1,0 +1,105 @@
+provider "aws" {
+  region = var.region
+
+  default_tags {
+    tags = merge(var.tags, {
+      Project   = var.name
+      ManagedBy = "terraform"
+    })
+  }
+}
+
+locals {
+  # more than one host: clients need one address, and /ready health checks take a host out
+  create_load_balancer = var.host_count > 1
+  # the two first zones that offer the instance type (not every zone has every GPU type)
+  availability_zones = slice(sort(data.aws_ec2_instance_type_offerings.gpu.locations), 0, 2)
+}
+
+data "aws_ec2_instance_type_offerings" "gpu" {
+  location_type = "availability-zone"
+
+  filter {
+    name   = "instance-type"
+    values = [var.instance_type]
+  }
+
+  lifecycle {
+    postcondition {
+      condition     = length(self.locations) >= 2
+      error_message = "Region ${var.region} offers ${var.instance_type} in ${length(self.locations)} availability zone(s); two are needed. Choose a region that has it in two or more zones, such as us-east-1, us-west-2 or eu-west-1."
+    }
+  }
+}
+
+module "network" {
+  source = "./modules/network"
+
+  name               = var.name
+  vpc_cidr           = var.vpc_cidr
+  availability_zones = local.availability_zones
+  enable_flow_logs   = var.enable_flow_logs
+}
+
+module "security" {
+  source = "./modules/security"
+
+  name                       = var.name
+  vpc_id                     = module.network.vpc_id
+  admin_cidrs                = var.admin_cidrs
+  api_allowed_cidrs          = var.api_allowed_cidrs
+  metrics_ports              = var.metrics_ports
+  create_load_balancer_group = local.create_load_balancer
+}
+
+module "model_bucket" {
+  source = "./modules/model_bucket"
+  count  = var.create_model_bucket ? 1 : 0
+
+  name = var.name
+}
+
+module "gpu_host" {
+  source = "./modules/gpu_host"
+
+  name                  = var.name
+  host_count            = var.host_count
+  instance_type         = var.instance_type
+  ami_flavor            = var.ami_flavor
+  ami_id                = var.ami_id
+  ssh_public_key        = var.ssh_public_key
+  subnets               = module.network.public_subnets
+  root_volume_size_gb   = var.root_volume_size_gb
+  models_volume_size_gb = var.models_volume_size_gb
+  # the hosts carry the monitoring group too: a Prometheus on one of them scrapes its peers
+  security_group_ids         = [module.security.host_security_group_id, module.security.monitoring_security_group_id]
+  enable_model_bucket_access = var.create_model_bucket
+  model_bucket_arn           = var.create_model_bucket ? module.model_bucket[0].arn : null
+}
+
+module "load_balancer" {
+  source = "./modules/load_balancer"
+  count  = local.create_load_balancer ? 1 : 0
+
+  name                       = var.name
+  vpc_id                     = module.network.vpc_id
+  subnet_ids                 = module.network.public_subnet_ids
+  security_group_id          = module.security.load_balancer_security_group_id
+  instance_ids               = module.gpu_host.instance_ids
+  domain_name                = var.domain_name
+  certificate_arn            = var.certificate_arn
+  route53_zone_id            = var.route53_zone_id
+  enable_deletion_protection = var.enable_deletion_protection
+}
+
+module "dns" {
+  source = "./modules/dns"
+  count  = var.route53_zone_id != null ? 1 : 0
+
+  zone_id       = var.route53_zone_id
+  record_name   = var.domain_name
+  use_alias     = local.create_load_balancer
+  alias_name    = local.create_load_balancer ? module.load_balancer[0].dns_name : null
+  alias_zone_id = local.create_load_balancer ? module.load_balancer[0].zone_id : null
+  addresses     = local.create_load_balancer ? [] : module.gpu_host.hosts[*].public_ip
+}

@@ -1,0 +1,150 @@
+locals {
+  # Canonical's account publishes Ubuntu; "amazon" publishes the Deep Learning AMIs
+  ami_lookup = {
+    "ubuntu-24.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*" }
+    "ubuntu-22.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*" }
+    "dlami-ubuntu-24.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *" }
+    "dlami-ubuntu-22.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *" }
+  }
+  ami_id = var.ami_id != null ? var.ami_id : data.aws_ami.this[0].id
+}
+
+data "aws_ami" "this" {
+  count = var.ami_id == null ? 1 : 0
+
+  most_recent = true
+  owners      = [local.ami_lookup[var.ami_flavor].owner]
+
+  filter {
+    name   = "name"
+    values = [local.ami_lookup[var.ami_flavor].name]
+  }
+
+  filter {
+    name   = "architecture"
+    values = ["x86_64"]
+  }
+}
+
+data "aws_partition" "current" {}
+
+# ---- identity: SSM for break-glass access, the model bucket read-only -----------------------
+
+resource "aws_iam_role" "this" {
+  name_prefix = "${var.name}-gpu-host-"
+  assume_role_policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [{
+      Effect    = "Allow"
+      Principal = { Service = "ec2.amazonaws.com" }
+      Action    = "sts:AssumeRole"
+    }]
+  })
+}
+
+resource "aws_iam_role_policy_attachment" "ssm" {
+  role       = aws_iam_role.this.name
+  policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
+}
+
+resource "aws_iam_role_policy" "model_bucket_read" {
+  count = var.enable_model_bucket_access ? 1 : 0
+
+  name = "read-model-bucket"
+  role = aws_iam_role.this.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      { Effect = "Allow", Action = ["s3:ListBucket", "s3:GetBucketLocation"], Resource = var.model_bucket_arn },
+      { Effect = "Allow", Action = ["s3:GetObject", "s3:GetObjectVersion"], Resource = "${var.model_bucket_arn}/*" },
+    ]
+  })
+}
+
+resource "aws_iam_instance_profile" "this" {
+  name_prefix = "${var.name}-gpu-host-"
+  role        = aws_iam_role.this.name
+}
+
+resource "aws_key_pair" "this" {
+  key_name_prefix = "${var.name}-"
+  public_key      = trimspace(var.ssh_public_key)
+}
+
+# ---- hosts ---------------------------------------------------------------------------------
+
+resource "aws_instance" "this" {
+  count = var.host_count
+
+  ami                    = local.ami_id
+  instance_type          = var.instance_type
+  subnet_id              = var.subnets[count.index % length(var.subnets)].id
+  vpc_security_group_ids = var.security_group_ids
+  key_name               = aws_key_pair.this.key_name
+  iam_instance_profile   = aws_iam_instance_profile.this.name
+  monitoring             = true # one-minute CloudWatch metrics: GPU hosts are expensive to watch blind
+  ebs_optimized          = true
+
+  metadata_options {
+    http_endpoint = "enabled"
+    http_tokens   = "required" # IMDSv2 only: a stolen-request SSRF cannot read the role's credentials
+    # 1 hop: nothing on the host runs in containers that would need to reach the metadata service
+    http_put_response_hop_limit = 1
+  }
+
+  root_block_device {
+    volume_type           = "gp3"
+    volume_size           = var.root_volume_size_gb
+    encrypted             = true
+    delete_on_termination = true
+    tags                  = { Name = "${var.name}-gpu-${count.index}-root" }
+  }
+
+  tags = {
+    Name = "${var.name}-gpu-${count.index}"
+    # stack.aws_ops and the aws_ec2 inventory find the hosts by Project (provider default tag) and Role
+    Role    = "gpu-host"
+    SshUser = var.ssh_user
+  }
+
+  lifecycle {
+    # The AMI lookup follows the newest image, and the key pair only seeds the first login
+    # (later keys are managed on the host): neither may silently replace a configured host.
+    # Set ami_id and taint the host to move on deliberately.
+    ignore_changes = [ami, key_name]
+  }
+}
+
+resource "aws_ebs_volume" "models" {
+  count = var.host_count
+  #checkov:skip=CKV_AWS_189:encrypted with the account's AWS-managed EBS key; it holds downloadable model weights, and a customer key would add cost and a key policy to run
+
+  # the zone comes from the subnet, not the instance, so replacing a host keeps its weights
+  availability_zone = var.subnets[count.index % length(var.subnets)].availability_zone
+  type              = "gp3"
+  size              = var.models_volume_size_gb
+  encrypted         = true
+
+  tags = { Name = "${var.name}-gpu-${count.index}-models" }
+}
+
+resource "aws_volume_attachment" "models" {
+  count = var.host_count
+
+  # shows up as an NVMe device on Nitro instances; Ansible finds it by the volume ID
+  device_name = "/dev/sdf"
+  volume_id   = aws_ebs_volume.models[count.index].id
+  instance_id = aws_instance.this[count.index].id
+  # detaching a mounted volume from a running host can hang or corrupt it
+  stop_instance_before_detaching = true
+}
+
+# Elastic IPs keep each host's address (and DNS name) across stop/start.
+resource "aws_eip" "this" {
+  count = var.host_count
+
+  domain   = "vpc"
+  instance = aws_instance.this[count.index].id
+
+  tags = { Name = "${var.name}-gpu-${count.index}" }
+}

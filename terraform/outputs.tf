@@ -1,0 +1,79 @@
+# The interface to Ansible and the operations tools (stack/aws_ops.py reads `terraform output -json`).
+
+output "name" {
+  description = "Name of the deployment (the Project tag on every resource)."
+  value       = var.name
+}
+
+output "region" {
+  description = "AWS region of the deployment."
+  value       = var.region
+}
+
+output "hosts" {
+  description = "GPU hosts, one object each: name, instance_id, instance_type, availability_zone, private_ip, public_ip, public_dns, models_volume_id."
+  value       = module.gpu_host.hosts
+}
+
+output "instance_ids" {
+  description = "EC2 instance IDs of the GPU hosts."
+  value       = module.gpu_host.instance_ids
+}
+
+output "public_ips" {
+  description = "Elastic IPs of the GPU hosts (stable across stop/start)."
+  value       = module.gpu_host.hosts[*].public_ip
+}
+
+output "public_dns" {
+  description = "Public DNS names of the GPU hosts' Elastic IPs."
+  value       = module.gpu_host.hosts[*].public_dns
+}
+
+output "private_ips" {
+  description = "Private IPs of the GPU hosts (scrape targets inside the VPC)."
+  value       = module.gpu_host.hosts[*].private_ip
+}
+
+output "ssh_user" {
+  description = "Login user on the GPU hosts."
+  value       = module.gpu_host.ssh_user
+}
+
+output "api_endpoint" {
+  description = "Base URL of the OpenAI-compatible API (append /v1)."
+  value = (
+    var.domain_name != null ? "https://${var.domain_name}" :
+    "https://${module.gpu_host.hosts[0].public_dns}"
+  )
+}
+
+output "api_tls_trusted" {
+  description = "True when the endpoint has a publicly trusted certificate (a domain name is set); false: the host's nginx serves a self-signed one."
+  value       = var.domain_name != null
+}
+
+output "load_balancer_dns_name" {
+  description = "DNS name of the load balancer (point domain_name at it if DNS is not in Route53), or null with one host."
+  value       = local.create_load_balancer ? module.load_balancer[0].dns_name : null
+}
+
+output "model_bucket_name" {
+  description = "S3 model-cache bucket, or null when create_model_bucket is false."
+  value       = var.create_model_bucket ? module.model_bucket[0].name : null
+}
+
+output "monitoring_security_group_id" {
+  description = "Attach to a separate monitoring host so it may scrape the exporters."
+  value       = module.security.monitoring_security_group_id
+}
+
+output "vpc_id" {
+  description = "VPC of the deployment."
+  value       = module.network.vpc_id
+}
+
+output "public_subnet_ids" {
+  description = "Public subnets (two availability zones)."
+  value       = module.network.public_subnet_ids
+}

@@ -1,0 +1,149 @@
+# The gpu_host module on its own: IMDSv2, encryption, placement, addresses, permissions.
+
+mock_provider "aws" {
+  source = "./tests/mocks"
+}
+
+variables {
+  name               = "llm"
+  ssh_public_key     = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJq7eXAMPLEkEyFoRtEsTsOnLy test@example"
+  security_group_ids = ["sg-0123456789abcdef0"]
+  subnets = [
+    { id = "subnet-0aaaaaaaaaaaaaaaa", availability_zone = "us-east-1a" },
+    { id = "subnet-0bbbbbbbbbbbbbbbb", availability_zone = "us-east-1b" },
+  ]
+}
+
+run "imdsv2_and_encryption_everywhere" {
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    host_count = 2
+  }
+
+  assert {
+    condition = alltrue([
+      for h in aws_instance.this : h.metadata_options[0].http_tokens == "required" && h.metadata_options[0].http_put_response_hop_limit == 1
+    ])
+    error_message = "every host must require IMDSv2 tokens"
+  }
+  assert {
+    condition     = alltrue([for h in aws_instance.this : h.root_block_device[0].encrypted && h.root_block_device[0].volume_type == "gp3"])
+    error_message = "every root volume must be encrypted gp3"
+  }
+  assert {
+    condition     = alltrue([for v in aws_ebs_volume.models : v.encrypted && v.type == "gp3" && v.size == 100])
+    error_message = "every models volume must be encrypted gp3 of models_volume_size_gb"
+  }
+  assert {
+    condition     = alltrue([for h in aws_instance.this : h.monitoring && h.ebs_optimized])
+    error_message = "detailed monitoring and EBS optimisation on every host"
+  }
+}
+
+run "hosts_spread_over_both_zones_with_their_own_volume_and_address" {
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    host_count            = 3
+    models_volume_size_gb = 250
+  }
+
+  assert {
+    condition     = aws_instance.this[*].subnet_id == ["subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb", "subnet-0aaaaaaaaaaaaaaaa"]
+    error_message = "hosts must go round-robin over the subnets"
+  }
+  assert {
+    condition     = aws_ebs_volume.models[*].availability_zone == ["us-east-1a", "us-east-1b", "us-east-1a"]
+    error_message = "each models volume must sit in its host's zone"
+  }
+  assert {
+    condition     = aws_volume_attachment.models[*].instance_id == aws_instance.this[*].id && alltrue(aws_volume_attachment.models[*].stop_instance_before_detaching)
+    error_message = "each models volume must attach to its own host and detach only from a stopped one"
+  }
+  assert {
+    condition     = aws_eip.this[*].instance == aws_instance.this[*].id
+    error_message = "each host must keep its address in its own Elastic IP"
+  }
+  assert {
+    condition     = [for h in output.hosts : h.name] == ["llm-gpu-0", "llm-gpu-1", "llm-gpu-2"] && alltrue([for h in aws_instance.this : h.tags["Role"] == "gpu-host" && h.tags["SshUser"] == "ubuntu"])
+    error_message = "hosts are named <name>-gpu-<index> and tagged for the operations tools"
+  }
+  assert {
+    condition     = alltrue([for v in aws_ebs_volume.models : v.size == 250])
+    error_message = "models_volume_size_gb must size the models volumes"
+  }
+}
+
+run "no_bucket_access_unless_asked_and_then_read_only" {
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  assert {
+    condition     = length(aws_iam_role_policy.model_bucket_read) == 0
+    error_message = "without a bucket the role has no S3 access"
+  }
+  assert {
+    condition     = endswith(aws_iam_role_policy_attachment.ssm.policy_arn, ":iam::aws:policy/AmazonSSMManagedInstanceCore")
+    error_message = "hosts must be reachable through SSM as a fallback to SSH"
+  }
+}
+
+run "bucket_access_is_read_only" {
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    enable_model_bucket_access = true
+    model_bucket_arn           = "arn:aws:s3:::llm-models-abc"
+  }
+
+  assert {
+    condition = toset(flatten([
+      for s in jsondecode(aws_iam_role_policy.model_bucket_read[0].policy).Statement : s.Action
+    ])) == toset(["s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:GetObjectVersion"])
+    error_message = "the hosts may list and read the bucket, nothing else"
+  }
+}
+
+run "a_new_image_does_not_replace_an_existing_host" {
+  command = plan
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    ami_id = "ami-0fedcba9876543210"
+  }
+
+  # the hosts of the runs above exist in this state: their image must stay put
+  assert {
+    condition     = aws_instance.this[0].ami == "ami-0123456789abcdef0"
+    error_message = "a different image must not replace a configured host (lifecycle ignore_changes)"
+  }
+}
+
+run "a_pinned_ami_skips_the_lookup" {
+  command   = plan
+  state_key = "fresh"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    ami_id = "ami-0fedcba9876543210"
+  }
+
+  assert {
+    condition     = length(data.aws_ami.this) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
+    error_message = "ami_id must be used as given, without looking up the newest image"
+  }
+}

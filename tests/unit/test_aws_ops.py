@@ -1,0 +1,557 @@
+"""stack/aws_ops.py against moto: real boto3 calls, an in-memory AWS.
+
+External programs (terraform, ssh) are small scripts on a PATH of the test's own, so the real
+subprocess paths run; errors AWS would return (quota) are injected with botocore's
+before-call hook, the same path a real response takes through boto3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from moto import mock_aws
+
+from stack import aws_ops
+
+NAME = "llm"
+REGION = "us-east-1"
+AMI = "ami-12c6146b"  # one of moto's built-in images (looking them up costs a second per call)
+
+
+# ---- fixtures and helpers ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def paths(tmp_path, monkeypatch):
+    """A terraform dir, an inventory path and a PATH holding only the fakes a test writes."""
+    tf_dir = tmp_path / "terraform"
+    tf_dir.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(aws_ops, "KNOWN_HOSTS", tmp_path / "known_hosts")
+    # no credentials from the machine running the tests, and no metadata-service probe
+    for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+    class Paths:
+        tf = tf_dir
+        bin = bin_dir
+        out = tmp_path / "inventory" / "hosts.yml"
+
+        def tool(self, name: str, script: str) -> None:
+            path = bin_dir / name
+            path.write_text("#!/bin/sh\nPATH=/usr/bin:/bin\n" + textwrap.dedent(script))
+            path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+        def run(self, *argv: str) -> int:
+            return aws_ops.main(["--tf-dir", str(tf_dir), "--out", str(self.out), *argv])
+
+    return Paths()
+
+
+@pytest.fixture
+def aws(paths):
+    with mock_aws():
+        yield boto3.Session(region_name=REGION)
+
+
+def make_hosts(session, count: int = 2, name: str = NAME) -> list[dict]:
+    """GPU hosts as Terraform leaves them: tagged, a models volume each, an Elastic IP each."""
+    ec2 = session.client("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.42.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.42.0.0/24",
+                               AvailabilityZone=f"{REGION}a")["Subnet"]["SubnetId"]
+    hosts = []
+    for i in range(count):
+        inst = ec2.run_instances(
+            ImageId=AMI, InstanceType="g5.xlarge", MinCount=1, MaxCount=1, SubnetId=subnet,
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [
+                {"Key": "Name", "Value": f"{name}-gpu-{i}"}, {"Key": "Project", "Value": name},
+                {"Key": "Role", "Value": "gpu-host"}, {"Key": "SshUser", "Value": "ubuntu"},
+            ]}],
+        )["Instances"][0]
+        volume = ec2.create_volume(AvailabilityZone=f"{REGION}a", Size=100, VolumeType="gp3",
+                                   Encrypted=True)["VolumeId"]
+        ec2.attach_volume(VolumeId=volume, InstanceId=inst["InstanceId"], Device="/dev/sdf")
+        eip = ec2.allocate_address(Domain="vpc")
+        ec2.associate_address(AllocationId=eip["AllocationId"], InstanceId=inst["InstanceId"])
+        hosts.append({"id": inst["InstanceId"], "ip": eip["PublicIp"], "volume": volume,
+                      "allocation": eip["AllocationId"]})
+    return hosts
+
+
+def states(session, ids: list[str]) -> list[str]:
+    reservations = session.client("ec2").describe_instances(InstanceIds=ids)["Reservations"]
+    by_id = {i["InstanceId"]: i["State"]["Name"] for r in reservations for i in r["Instances"]}
+    return [by_id[i] for i in ids]
+
+
+class _Http:
+    def __init__(self, status: int):
+        self.status_code = status
+        self.headers: dict = {}
+
+
+def inject(session, service: str, operation: str, body: dict, status: int = 200) -> None:
+    """Answer `operation` with `body` (an error when status >= 300), as a real response would
+    arrive: botocore's before-call hook short-circuits the HTTP request only."""
+    session.events.register(f"before-call.{service}.{operation}",
+                            lambda **_: (_Http(status), {**body, "ResponseMetadata": {}}))
+
+
+def inject_error(session, service: str, operation: str, code: str, message: str) -> None:
+    inject(session, service, operation, {"Error": {"Code": code, "Message": message}}, 400)
+
+
+def use_session(monkeypatch, session):
+    monkeypatch.setattr(aws_ops, "_session", lambda region: session)
+
+
+def one_error_line(captured) -> str:
+    err = captured.err.strip()
+    assert "Traceback" not in err and "Traceback" not in captured.out
+    assert err.count("\n") == 0, err
+    assert err.startswith("error: ")
+    return err
+
+
+TF_OUTPUTS = {
+    "name": {"value": NAME}, "region": {"value": REGION}, "ssh_user": {"value": "ubuntu"},
+    "api_endpoint": {"value": "https://ec2-198-51-100-10.compute-1.amazonaws.com"},
+    "api_tls_trusted": {"value": False}, "model_bucket_name": {"value": None},
+    "hosts": {"value": [{
+        "name": "llm-gpu-0", "instance_id": "i-0123456789abcdef0", "instance_type": "g5.xlarge",
+        "availability_zone": "us-east-1a", "private_ip": "10.42.0.10",
+        "public_ip": "198.51.100.10", "public_dns": "ec2-198-51-100-10.compute-1.amazonaws.com",
+        "models_volume_id": "vol-0123456789abcdef0",
+    }]},
+}
+
+
+# ---- inventory ----------------------------------------------------------------------------------
+
+
+def test_inventory_finds_hosts_by_tags_when_terraform_has_no_state(paths, aws, monkeypatch):
+    paths.tool("terraform", "echo '{}'\n")  # what `terraform output -json` says without state
+    ours = make_hosts(aws, count=2)
+    other = make_hosts(aws, count=1, name="other")  # another deployment in the same account
+    gone = make_hosts(aws, count=1, name=NAME)[0]
+    aws.client("ec2").terminate_instances(InstanceIds=[gone["id"]])
+    use_session(monkeypatch, aws)
+
+    assert paths.run("inventory") == 0
+
+    doc = yaml.safe_load(paths.out.read_text())
+    group = doc["all"]["children"]["gpu_hosts"]
+    assert list(group["hosts"]) == ["llm-gpu-0", "llm-gpu-1"]
+    for name, made in zip(["llm-gpu-0", "llm-gpu-1"], ours, strict=True):
+        host = group["hosts"][name]
+        assert host["ansible_host"] == made["ip"]
+        assert host["aws_instance_id"] == made["id"]
+        assert host["aws_models_volume_id"] == made["volume"]
+        assert host["aws_instance_type"] == "g5.xlarge"
+        assert host["aws_private_ip"].startswith("10.42.0.")
+    ids = {h["aws_instance_id"] for h in group["hosts"].values()}
+    assert other[0]["id"] not in ids and gone["id"] not in ids
+    assert group["vars"]["ansible_user"] == "ubuntu"
+    assert group["vars"]["aws_region"] == REGION
+    assert "StrictHostKeyChecking=accept-new" in group["vars"]["ansible_ssh_common_args"]
+    # several hosts sit behind a load balancer only Terraform knows about
+    assert group["vars"]["api_endpoint"] is None
+    assert list(doc["all"]["children"]["monitoring"]["hosts"]) == ["llm-gpu-0"]
+
+
+def test_inventory_keeps_the_address_of_a_stopped_host(paths, aws, monkeypatch):
+    paths.tool("terraform", "exit 1\n")  # e.g. a backend that needs `terraform init`
+    made = make_hosts(aws, count=1)[0]
+    aws.client("ec2").stop_instances(InstanceIds=[made["id"]])
+    use_session(monkeypatch, aws)
+
+    assert paths.run("inventory", "--source", "ec2") == 0
+
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    assert group["hosts"]["llm-gpu-0"]["ansible_host"] == made["ip"]
+    assert group["vars"]["api_endpoint"].startswith("https://")
+
+
+def test_inventory_prefers_terraform_outputs(paths, capsys):
+    paths.tool("terraform", f"""\
+        case "$*" in *"output -json"*) cat <<'EOF'
+        {json.dumps(TF_OUTPUTS)}
+        EOF
+        ;; *) exit 1 ;; esac
+        """)
+    # no moto and no credentials: a call to AWS would fail this test
+
+    assert paths.run("inventory") == 0
+
+    doc = yaml.safe_load(paths.out.read_text())
+    group = doc["all"]["children"]["gpu_hosts"]
+    assert group["hosts"]["llm-gpu-0"]["ansible_host"] == "198.51.100.10"
+    assert group["hosts"]["llm-gpu-0"]["aws_models_volume_id"] == "vol-0123456789abcdef0"
+    assert group["vars"]["api_endpoint"] == "https://ec2-198-51-100-10.compute-1.amazonaws.com"
+    assert group["vars"]["api_tls_trusted"] is False
+    assert "from terraform" in capsys.readouterr().out
+    # the inventory answers `endpoint` without AWS or terraform
+    assert paths.run("endpoint") == 0 and paths.run("endpoint", "--tls") == 0
+    assert capsys.readouterr().out.split() == [
+        "https://ec2-198-51-100-10.compute-1.amazonaws.com", "self-signed"]
+
+
+def test_inventory_from_terraform_without_state_says_what_to_do(paths, capsys):
+    paths.tool("terraform", "echo '{}'\n")
+    assert paths.run("inventory", "--source", "terraform") == 2
+    assert "make deploy" in one_error_line(capsys.readouterr())
+
+
+def test_no_tagged_hosts_is_a_clear_error(paths, aws, monkeypatch, capsys):
+    paths.tool("terraform", "echo '{}'\n")
+    use_session(monkeypatch, aws)
+    assert paths.run("inventory") == 2
+    assert "no GPU hosts tagged Project=llm" in one_error_line(capsys.readouterr())
+
+
+def test_region_and_name_come_from_terraform_tfvars(paths, aws, monkeypatch):
+    (paths.tf / "terraform.tfvars").write_text(
+        'admin_cidrs = ["203.0.113.7/32"]\nname   = "other"  # second deployment\n'
+        'region = "eu-west-1"\n')
+    paths.tool("terraform", "echo '{}'\n")
+    seen = {}
+
+    def session_for(region):
+        seen["region"] = region
+        return aws
+
+    make_hosts(aws, count=1, name="other")
+    monkeypatch.setattr(aws_ops, "_session", session_for)
+
+    assert paths.run("inventory") == 0
+    assert seen["region"] == "eu-west-1"
+    assert list(yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]["hosts"]) \
+        == ["other-gpu-0"]
+
+
+# ---- stop / start --------------------------------------------------------------------------------
+
+
+def test_stop_then_start_keeps_volumes_and_addresses(paths, aws, monkeypatch, capsys):
+    paths.tool("terraform", "echo '{}'\n")
+    made = make_hosts(aws, count=2)
+    ids = [h["id"] for h in made]
+    use_session(monkeypatch, aws)
+    ec2 = aws.client("ec2")
+
+    assert paths.run("stop", "--poll", "1") == 0
+    assert states(aws, ids) == ["stopped", "stopped"]
+    addresses = {a["AllocationId"]: a.get("InstanceId") for a in ec2.describe_addresses()[
+        "Addresses"]}
+    assert all(addresses[h["allocation"]] == h["id"] for h in made)
+    volumes = ec2.describe_volumes(VolumeIds=[h["volume"] for h in made])["Volumes"]
+    assert [v["Attachments"][0]["InstanceId"] for v in volumes] == ids
+
+    assert paths.run("start", "--poll", "1") == 0
+    assert states(aws, ids) == ["running", "running"]
+    assert "running" in capsys.readouterr().out
+
+
+def test_stop_touches_no_other_deployment(paths, aws, monkeypatch):
+    paths.tool("terraform", "echo '{}'\n")
+    ours = make_hosts(aws, count=1)[0]
+    theirs = make_hosts(aws, count=1, name="other")[0]
+    use_session(monkeypatch, aws)
+
+    assert paths.run("stop", "--poll", "1") == 0
+    assert states(aws, [ours["id"], theirs["id"]]) == ["stopped", "running"]
+
+
+def test_start_over_the_vcpu_quota_is_one_clear_line(paths, aws, monkeypatch, capsys):
+    paths.tool("terraform", "echo '{}'\n")
+    made = make_hosts(aws, count=1)[0]
+    aws.client("ec2").stop_instances(InstanceIds=[made["id"]])
+    inject_error(aws, "ec2", "StartInstances", "VcpuLimitExceeded",
+                 "You have requested more vCPU capacity than your current vCPU limit of 0 allows "
+                 "for the instance bucket that the specified instance type belongs to.")
+    use_session(monkeypatch, aws)
+
+    assert paths.run("start") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "vCPU quota" in err and "L-DB2E81BA" in err and "request-service-quota-increase" in err
+    assert states(aws, [made["id"]]) == ["stopped"]
+
+
+# ---- preflight -----------------------------------------------------------------------------------
+
+
+TFVARS = 'admin_cidrs = ["203.0.113.7/32"]\nssh_public_key = "ssh-ed25519 AAAAC3Nza test"\n'
+
+
+@pytest.fixture
+def tools(paths):
+    for tool in ("terraform", "ansible-playbook", "ssh", "curl"):
+        paths.tool(tool, "exit 0\n")
+    (paths.tf / "terraform.tfvars").write_text(TFVARS)
+    return paths
+
+
+def test_preflight_asks_for_the_settings_first(tools, capsys):
+    (tools.tf / "terraform.tfvars").unlink()
+    assert tools.run("preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "terraform.tfvars.example" in err and "admin_cidrs" in err
+
+
+def test_preflight_passes_where_g5_is_offered(tools, aws, monkeypatch, capsys):
+    use_session(monkeypatch, aws)
+    assert tools.run("preflight") == 0
+    out = capsys.readouterr().out
+    assert "g5.xlarge is offered in us-east-1a" in out
+    # moto does not model EC2 quotas: unreadable quotas are reported, not fatal
+    assert "vCPU quota not readable" in out and "needs 4 vCPUs" in out
+
+
+def test_preflight_refuses_a_region_without_g5(tools, aws, monkeypatch, capsys):
+    # af-south-1 has no g5 in moto's copy of the EC2 offerings (nor did it in AWS's)
+    use_session(monkeypatch, boto3.Session(region_name="af-south-1"))
+    assert tools.run("--region", "af-south-1", "preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "region af-south-1 does not offer g5.xlarge" in err and "terraform.tfvars" in err
+
+
+def test_preflight_refuses_a_quota_below_the_hosts(tools, aws, monkeypatch, capsys):
+    inject(aws, "service-quotas", "GetServiceQuota",
+           {"Quota": {"QuotaCode": "L-DB2E81BA", "Value": 4.0}})
+    use_session(monkeypatch, aws)
+
+    assert tools.run("preflight", "--count", "1") == 0
+    assert "vCPU quota for G and VT instances: 4" in capsys.readouterr().out
+
+    assert tools.run("preflight", "--count", "3") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "allows 4 vCPUs, the g5.xlarge hosts need 12" in err and "L-DB2E81BA" in err
+
+
+def test_missing_aws_credentials_is_one_clear_line(tools, capsys):
+    # no moto: botocore looks for credentials, finds none and must not reach the network
+    assert tools.run("preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "AWS credentials not found" in err and "aws configure" in err
+    assert tools.run("stop") == 2
+    assert "AWS credentials not found" in one_error_line(capsys.readouterr())
+
+
+def test_rejected_credentials_are_one_clear_line(tools, aws, monkeypatch, capsys):
+    inject_error(aws, "sts", "GetCallerIdentity", "InvalidClientTokenId",
+                 "The security token included in the request is invalid.")
+    use_session(monkeypatch, aws)
+    assert tools.run("preflight") == 2
+    assert "AWS rejected the credentials (InvalidClientTokenId)" in one_error_line(
+        capsys.readouterr())
+
+
+def test_missing_terraform_is_one_clear_line(paths, capsys):
+    assert paths.run("terraform", "plan") == 2
+    assert "terraform not found" in one_error_line(capsys.readouterr())
+    (paths.tf / "terraform.tfvars").write_text(TFVARS)
+    paths.tool("ansible-playbook", "exit 0\n")
+    assert paths.run("preflight") == 2
+    assert "install Terraform" in one_error_line(capsys.readouterr())
+
+
+def test_missing_ansible_is_one_clear_line(paths, capsys):
+    for tool in ("terraform", "ssh", "curl"):
+        paths.tool(tool, "exit 0\n")
+    assert paths.run("preflight") == 2
+    assert "ansible-playbook not found" in one_error_line(capsys.readouterr())
+
+
+# ---- terraform wrapper ---------------------------------------------------------------------------
+
+
+def test_terraform_quota_failure_is_explained(paths, capsys):
+    paths.tool("terraform", """\
+        case "$*" in
+          *" init "*|*" init") echo "Terraform has been successfully initialized!" ;;
+          *) echo "Error: creating EC2 Instance: operation error EC2: RunInstances, api error \
+VcpuLimitExceeded: You have requested more vCPU capacity than your current vCPU limit of 0"
+             exit 1 ;;
+        esac
+        """)
+    assert paths.run("terraform", "apply") == 1
+    captured = capsys.readouterr()
+    assert "successfully initialized" in captured.out and "RunInstances" in captured.out
+    assert "vCPU quota" in captured.err and "L-DB2E81BA" in captured.err
+
+
+@pytest.mark.parametrize(("printed", "explained"), [
+    # coloured, boxed and wrapped the way Terraform prints errors
+    ("\x1b[31m│\x1b[0m Error: No valid credential sources found\n", "AWS credentials not found"),
+    ("│ Error: creating EC2 Instance: api error Unsupported: Your\n│ requested instance type "
+     "(g5.xlarge) is not supported in your requested\n│ Availability Zone (us-east-1e).",
+     "not offered where it was requested"),
+    ("│ api error InsufficientInstanceCapacity: We currently do not have sufficient",
+     "no spare capacity"),
+    ("Error: Invalid value for variable", None),
+])
+def test_terraform_errors_users_can_fix_are_explained(printed, explained):
+    hint = aws_ops.explain_terraform_failure(printed, REGION, "g5.xlarge")
+    assert (hint is None) if explained is None else (explained in hint)
+
+
+def test_terraform_runs_init_then_the_command_in_the_terraform_dir(paths, tmp_path):
+    log = tmp_path / "calls"
+    paths.tool("terraform", f'echo "$*" >> {log}\n')
+    assert paths.run("terraform", "plan", "-input=false") == 0
+    assert log.read_text().splitlines() == [
+        f"-chdir={paths.tf} init -input=false", f"-chdir={paths.tf} plan -input=false"]
+
+
+# ---- status and wait-ssh -------------------------------------------------------------------------
+
+
+def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, capsys):
+    paths.tool("terraform", "echo '{}'\n")
+    paths.tool("ssh", """\
+        cat <<'EOF'
+        gateway.service loaded active running LLM gateway
+        nginx.service loaded active running nginx
+        vllm@text2sql.service loaded activating start vLLM text2sql
+        ready=503
+        EOF
+        """)
+    made = make_hosts(aws, count=2)
+    aws.client("ec2").stop_instances(InstanceIds=[made[1]["id"]])
+    use_session(monkeypatch, aws)
+
+    assert paths.run("status") == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    first = next(line for line in lines if line.startswith("llm-gpu-0"))
+    second = next(line for line in lines if line.startswith("llm-gpu-1"))
+    assert "running" in first and "503" in first
+    assert "gateway=active/running" in first and "vllm@text2sql=activating/start" in first
+    assert "stopped" in second and made[1]["ip"] in second and "gateway" not in second
+
+
+def _inventory_on_loopback(paths):
+    paths.tool("terraform", f"""\
+        case "$*" in *"output -json"*) cat <<'EOF'
+        {json.dumps({**TF_OUTPUTS, "hosts": {"value": [
+            {**TF_OUTPUTS["hosts"]["value"][0], "public_ip": "127.0.0.1"}]}})}
+        EOF
+        ;; *) exit 1 ;; esac
+        """)
+    assert paths.run("inventory") == 0
+
+
+def test_wait_ssh_waits_for_the_port_then_cloud_init(paths, capsys):
+    _inventory_on_loopback(paths)
+    paths.tool("ssh", 'case "$*" in *"cloud-init status --wait"*) echo "...."; '
+                      'echo "status: done" ;; *) exit 9 ;; esac\n')
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert paths.run("wait-ssh", "--port", str(port), "--timeout", "30", "--poll", "0.1") == 0
+    out = capsys.readouterr().out
+    assert "SSH port open" in out and "status: done" in out
+
+
+def test_wait_ssh_gives_up_with_a_hint(paths, capsys):
+    _inventory_on_loopback(paths)
+    paths.tool("ssh", "exit 0\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # bound, not listening: connections are refused
+        assert paths.run("wait-ssh", "--port", str(closed), "--timeout", "0.3",
+                         "--poll", "0.1") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "still closed" in err and "admin_cidrs" in err
+
+
+def test_wait_ssh_reports_a_failed_cloud_init(paths, capsys):
+    _inventory_on_loopback(paths)
+    paths.tool("ssh", 'echo "status: error"; exit 1\n')
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert paths.run("wait-ssh", "--port", str(listener.getsockname()[1]),
+                         "--timeout", "10", "--poll", "0.1") == 2
+    assert "cloud-init failed" in one_error_line(capsys.readouterr())
+
+
+# ---- ssh, logs, summary ------------------------------------------------------------------------
+
+
+def test_ssh_runs_the_command_on_the_chosen_host_with_our_known_hosts(paths, tmp_path):
+    outputs = {**TF_OUTPUTS, "hosts": {"value": [
+        TF_OUTPUTS["hosts"]["value"][0],
+        {**TF_OUTPUTS["hosts"]["value"][0], "name": "llm-gpu-1", "public_ip": "198.51.100.11",
+         "instance_id": "i-0123456789abcdef1"}]}}
+    paths.tool("terraform", f"""\
+        case "$*" in *"output -json"*) cat <<'EOF'
+        {json.dumps(outputs)}
+        EOF
+        ;; *) exit 1 ;; esac
+        """)
+    assert paths.run("inventory") == 0
+    calls = tmp_path / "ssh-calls"
+    paths.tool("ssh", f'for a in "$@"; do printf "%s\\n" "$a"; done > {calls}\n')
+
+    assert paths.run("ssh", "--host", "llm-gpu-1", "--", "nvidia-smi -L") == 0
+    argv = calls.read_text().splitlines()
+    assert argv[-2:] == ["ubuntu@198.51.100.11", "nvidia-smi -L"]
+    assert f"UserKnownHostsFile={aws_ops.KNOWN_HOSTS}" in argv and "BatchMode=yes" in argv
+
+    assert paths.run("logs", "vllm@text2sql", "--host", "1") == 0
+    argv = calls.read_text().splitlines()
+    assert argv[-9:] == ["ubuntu@198.51.100.11", "sudo", "journalctl", "--no-pager", "-u",
+                         "vllm@text2sql.service", "-n", "100", "-f"]
+
+
+def test_ssh_to_an_unknown_host_lists_the_known_ones(paths, capsys):
+    _inventory_on_loopback(paths)
+    paths.tool("ssh", "exit 0\n")
+    assert paths.run("ssh", "--host", "gpu-9") == 2
+    assert "hosts: llm-gpu-0" in one_error_line(capsys.readouterr())
+
+
+def test_summary_gives_the_endpoint_and_a_key_command(paths, capsys):
+    _inventory_on_loopback(paths)
+    capsys.readouterr()
+    assert paths.run("summary") == 0
+    out = capsys.readouterr().out
+    assert 'base_url="https://ec2-198-51-100-10.compute-1.amazonaws.com/v1"' in out
+    assert "python -m app.keys --file /etc/llm-gateway/keys.json create my-app" in out
+    assert "curl -k https://" in out
+
+
+def test_ansible_reads_the_written_inventory(paths):
+    ansible_inventory = Path(sys.executable).parent / "ansible-inventory"
+    if not ansible_inventory.exists():
+        pytest.fail("ansible-inventory is missing from the venv: run `make deps`")
+    _inventory_on_loopback(paths)
+    proc = subprocess.run([str(ansible_inventory), "-i", str(paths.out), "--list"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["gpu_hosts"]["hosts"] == ["llm-gpu-0"]
+    assert seen["monitoring"]["hosts"] == ["llm-gpu-0"]
+    host = seen["_meta"]["hostvars"]["llm-gpu-0"]
+    assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
+    assert host["aws_instance_id"] == "i-0123456789abcdef0"
