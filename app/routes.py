@@ -103,10 +103,9 @@ class Exchange:
                     m.tokens.labels(self.model, key_name, "prompt").inc(self.prompt_tokens)
                 if self.completion_tokens:
                     m.tokens.labels(self.model, key_name, "completion").inc(self.completion_tokens)
-        tps = None
-        if self.completion_tokens and self.ttfb is not None:
-            gen_time = duration - self.ttfb if self.stream else duration
-            tps = round(self.completion_tokens / gen_time, 1) if gen_time > 0 else None
+        # over the whole request: a stream's chunks may arrive in one read, so the time after
+        # the first byte is no measure of the decode rate
+        tps = round(self.completion_tokens / duration, 1) if self.completion_tokens else None
         log_request({
             "request_id": self.rid, "key": key_name, "model": self.model,
             "endpoint": self.endpoint, "stream": self.stream, "status": self.status,

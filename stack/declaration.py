@@ -22,6 +22,9 @@ class LocalStandIn(BaseModel):
     kind: Literal["tiny-qwen2", "package"]
     seed: int | None = None
     package: str | None = None
+    # the CPU engine's dtype: bf16 is 3x faster for the tiny decoders here; the embedding
+    # model warns about every weight cast in bf16 and is no faster, so it stays float32
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
 
 class ModelSpec(BaseModel):

