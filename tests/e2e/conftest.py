@@ -1,4 +1,4 @@
-"""The local stack (`make local`), brought up once per test session or reused if already up."""
+"""The local stack (`make local`), brought up once for the e2e tests or reused if already up."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def _stack(*verb: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stack.local", *verb], cwd=local.ROOT)
 
 
-@pytest.fixture(scope="session")
+# package scope: a stack this fixture started is stopped once the e2e tests are done, so its
+# engines' memory is free again for the systemd test hosts of tests/infra
+@pytest.fixture(scope="package")
 def local_stack() -> LocalStack:
     already_up = subprocess.run([sys.executable, "-m", "stack.local", "status"], cwd=local.ROOT,
                                 capture_output=True).returncode == 0

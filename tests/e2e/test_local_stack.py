@@ -6,7 +6,9 @@ import socket
 import ssl
 import time
 import warnings
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -120,3 +122,24 @@ def test_a_dead_engine_is_reported_and_refused_fast_while_others_answer(local_st
         assert local.main(["up"]) == 0
     with local_stack.http() as c:
         assert c.get("/ready").status_code == 200
+
+
+def test_planner_kv_arithmetic_matches_what_real_vllm_reports(local_stack):
+    """The GPU planner's KV-cache tokens for a budget agree with the engine's own count."""
+    import json
+    import re
+
+    from stack import gpu_planner
+    from stack.render import parse_env_file
+
+    model = next(m for m in MODELS if m.task == "generate")
+    env = parse_env_file((local.RUN / "vllm" / f"{model.name}.env").read_text())
+    budget = float(env["VLLM_CPU_KVCACHE_SPACE"]) * gpu_planner.GIB
+    path = re.search(r"--model (\S+)", env["VLLM_ARGS"]).group(1)
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    cfg["torch_dtype"] = re.search(r"--dtype (\S+)", env["VLLM_ARGS"]).group(1)
+    planned = gpu_planner.kv_tokens(gpu_planner.Architecture.from_config(cfg), budget)
+    metrics = httpx.get(f"http://127.0.0.1:{model.port}/metrics").text
+    reported = int(re.search(r'vllm:cache_config_info\{[^}]*kv_cache_size_tokens="(\d+)"',
+                             metrics).group(1))
+    assert abs(planned - reported) / reported <= 0.10, (planned, reported)
