@@ -1,0 +1,183 @@
+"""site.yml on a real systemd host over SSH, in CPU mode: converge, converge again with
+nothing changed, verify from outside with testinfra, one HTTPS completion through the host,
+and a killed engine that systemd brings back."""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+import subprocess
+import time
+
+import httpx
+import pytest
+import testinfra
+import yaml
+
+from stack import declaration, local
+
+pytestmark = pytest.mark.infra
+
+ANSIBLE = local.ROOT / "ansible"
+BIN = local.ROOT / ".venv" / "bin"
+MODELS = declaration.load()
+
+
+def playbook(inventory, extra_vars, *args, playbook="site.yml"):
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", f"@{extra_vars}",
+         playbook, *args],
+        cwd=ANSIBLE, capture_output=True, text=True, timeout=3600,
+        env={"ANSIBLE_FORCE_COLOR": "0", "PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin",
+             "HOME": str(local.STATE), "ANSIBLE_STDOUT_CALLBACK": "default"})
+
+
+def recap(output: str) -> dict[str, int]:
+    line = next(x for x in output.splitlines() if re.match(r"^gpu1\s+:", x))
+    return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
+
+
+def test_syntax_and_lint_are_clean():
+    for pb in ["site.yml", *sorted(str(p.relative_to(ANSIBLE)) for p in
+                                   (ANSIBLE / "playbooks").glob("*.yml"))]:
+        out = subprocess.run([str(BIN / "ansible-playbook"), "--syntax-check", "-i",
+                              "inventories/example/hosts.yml", pb], cwd=ANSIBLE,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    lint = subprocess.run([str(BIN / "ansible-lint"), "--offline", "--profile", "production",
+                           "-f", "pep8"], cwd=ANSIBLE, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def converged(test_hosts, tmp_path_factory):
+    """Converge twice; the second run's recap is returned with the inventory."""
+    tmp = tmp_path_factory.mktemp("converge")
+    inventory = local.ROOT / ".local" / "testhosts" / "inventory.yml"
+    from tests.infra.hosts import ansible_inventory
+
+    ansible_inventory(test_hosts, inventory, groups={"gpu_hosts": ["gpu1"],
+                                                     "monitoring": ["gpu1"]})
+    extra = tmp / "cpu-mode.yml"
+    extra.write_text(yaml.safe_dump({
+        "gpu_enabled": False,
+        "models_local_paths": local.model_paths(MODELS),
+        "common_metrics_cidrs": ["10.213.0.0/24"],
+        "common_ssh_cidrs": ["10.213.0.0/24"],
+        "common_https_cidrs": ["10.213.0.0/24"],
+        "monitoring_grafana_enabled": False,  # Grafana's repository is out of reach here
+    }))
+    first = playbook(inventory, extra)
+    (tmp / "first.log").write_text(first.stdout + first.stderr)
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
+    second = playbook(inventory, extra)
+    (tmp / "second.log").write_text(second.stdout + second.stderr)
+    assert second.returncode == 0, second.stdout[-6000:]
+    return {"inventory": inventory, "recap": recap(second.stdout), "second": second.stdout,
+            "host": test_hosts[0]}
+
+
+def test_second_converge_changes_nothing(converged):
+    changed = [x for x in converged["second"].splitlines() if x.startswith("changed:")]
+    assert converged["recap"]["changed"] == 0, "\n".join(changed)
+    assert converged["recap"]["failed"] == 0
+
+
+@pytest.fixture(scope="module")
+def host(converged):
+    return testinfra.get_host(f"ansible://gpu1?ansible_inventory={converged['inventory']}")
+
+
+def test_units_active_and_enabled(host):
+    for unit in ["gateway.service", "nginx.service", "nftables.service",
+                 "prometheus-node-exporter.service", "prometheus.service",
+                 *[f"vllm@{m.name}.service" for m in MODELS]]:
+        svc = host.service(unit)
+        assert svc.is_running and svc.is_enabled, unit
+
+
+def test_engines_and_gateway_listen_on_loopback_only_and_nginx_on_443(host):
+    for m in MODELS:
+        assert host.socket(f"tcp://127.0.0.1:{m.port}").is_listening
+        assert not host.socket(f"tcp://0.0.0.0:{m.port}").is_listening
+    assert host.socket("tcp://127.0.0.1:8080").is_listening
+    assert not host.socket("tcp://0.0.0.0:8080").is_listening
+    assert host.socket("tcp://0.0.0.0:443").is_listening
+
+
+def test_file_owners_and_modes(host):
+    keys = host.file("/etc/llm-gateway/keys.json")
+    assert keys.user == "llm-gateway" and keys.mode == 0o600
+    assert host.file("/etc/nginx/tls/llm-api.key").mode == 0o600
+    assert host.file("/etc/llm-gateway/gateway.yml").mode == 0o640
+    for m in MODELS:
+        env = host.file(f"/etc/vllm/{m.name}.env")
+        assert env.mode == 0o640 and env.group == "vllm"
+        assert f"--served-model-name {m.name}" in env.content_string
+
+
+@pytest.mark.parametrize("unit, threshold", [("gateway.service", 20), ("vllm@.service", 40)])
+def test_systemd_analyze_security_within_threshold(converged, unit, threshold):
+    h = converged["host"]
+    path = f"/etc/systemd/system/{unit}"
+    target = unit if "@" not in unit else f"vllm@{MODELS[0].name}.service"
+    out = h.ssh(f"systemd-analyze security --offline=true --threshold={threshold} {path} "
+                f"|| systemd-analyze security --threshold={threshold} {target}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+
+
+def _key(h) -> str:
+    out = h.ssh("/opt/llm-gateway/venv/bin/python -m app.keys --file "
+                f"/etc/llm-gateway/keys.json create infra-{time.time_ns()}", check=True)
+    return out.stdout.strip()
+
+
+def test_https_completion_from_the_controller_through_the_host(converged, tmp_path):
+    h = converged["host"]
+    ca = tmp_path / "host.crt"
+    ca.write_text(h.ssh("cat /etc/nginx/tls/llm-api.crt", check=True).stdout)
+    key = _key(h)
+    time.sleep(1.2)  # the gateway re-reads its keys file within a second
+    ctx = ssl.create_default_context(cafile=str(ca))
+    r = httpx.post(f"https://{h.address}/v1/completions", verify=ctx, timeout=60,
+                   headers={"authorization": f"Bearer {key}"},
+                   json={"model": MODELS[0].name, "prompt": "SELECT", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] > 0
+
+
+def test_killed_engine_is_restarted_and_ready_recovers(converged):
+    h = converged["host"]
+    name = MODELS[0].name
+    before = h.ssh(f"systemctl show -p MainPID --value vllm@{name}.service").stdout.strip()
+    h.ssh(f"systemctl kill -s KILL vllm@{name}.service", check=True)
+    deadline = time.monotonic() + 600
+    ready = None
+    while time.monotonic() < deadline:
+        ready = h.ssh("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8080/ready").stdout
+        pid = h.ssh(f"systemctl show -p MainPID --value vllm@{name}.service").stdout.strip()
+        if ready == "200" and pid not in ("0", before):
+            break
+        time.sleep(3)
+    assert ready == "200"
+    restarts = h.ssh(f"systemctl show -p NRestarts --value vllm@{name}.service").stdout.strip()
+    assert int(restarts) >= 1
+    state = json.loads(h.ssh("curl -s http://127.0.0.1:8080/ready").stdout)
+    assert state["models"][name]["status"] == "up"
+
+
+
+
+def test_prometheus_scrapes_the_host_and_loaded_the_alerts(converged):
+    h = converged["host"]
+    rules = json.loads(h.ssh("curl -s http://127.0.0.1:9090/api/v1/rules", check=True).stdout)
+    alerts = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]
+              if r["type"] == "alerting"}
+    expected = {line.split("alert:")[1].strip() for f in (local.ROOT / "monitoring" / "rules")
+                .glob("*.rules.yml") for line in f.read_text().splitlines() if "alert:" in line}
+    assert alerts == expected
+    targets = json.loads(h.ssh("curl -s http://127.0.0.1:9090/api/v1/targets",
+                               check=True).stdout)["data"]["activeTargets"]
+    jobs = {t["labels"]["job"] for t in targets}
+    assert {"gateway", "vllm", "node"} <= jobs
