@@ -86,7 +86,11 @@ def test_second_converge_changes_nothing(converged):
 
 @pytest.fixture(scope="module")
 def host(converged):
-    return testinfra.get_host(f"ansible://gpu1?ansible_inventory={converged['inventory']}")
+    h = converged["host"]
+    return testinfra.get_host(
+        f"ssh://{h.ssh_user}@{h.address}", ssh_identity_file=str(h.ssh_key),
+        ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                       "-o LogLevel=ERROR")
 
 
 def test_units_active_and_enabled(host):
