@@ -117,9 +117,9 @@ class Exchange:
             "client": self.client,
         })
 
-    def fail(self, err: ApiError, extra_headers: dict[str, str] | None = None) -> Response:
+    def fail(self, err: ApiError) -> Response:
         self.status, self.error = err.status, err.code or err.type
-        return err.response(self.headers(extra_headers))
+        return err.response(self.headers())
 
 
 def authenticate(gw: Gateway, request: Request) -> KeyRecord:
@@ -233,10 +233,7 @@ async def proxy(request: Request, endpoint: str) -> Response:
         if isinstance(resp, RelayResponse):
             return resp  # the relay does the bookkeeping when the stream ends
     except ApiError as e:
-        extra = None
-        if ex.budget is not None and e.status == 429:
-            extra = e.headers
-        resp = ex.fail(e, extra)
+        resp = ex.fail(e)
     except BackendError as e:
         gw.metrics.backend_errors.labels(ex.model, e.kind).inc()
         if isinstance(e, BackendTimeout):
