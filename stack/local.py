@@ -336,7 +336,7 @@ Demo API key: {key}
     -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
     -d '{{"model": "{chat}", "max_tokens": 32, "messages": {msgs}}}'
 
-  SSL_CERT_FILE={ca} python -c '
+  SSL_CERT_FILE={ca} {GATEWAY_PY} -c '
 from openai import OpenAI
 client = OpenAI(base_url="{url}/v1", api_key="{key}")
 r = client.chat.completions.create(model="{chat}", max_tokens=32, messages={msgs})
