@@ -68,7 +68,7 @@ class KeyRecord:
         return d
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
@@ -98,6 +98,16 @@ def new_key() -> tuple[str, str, str]:
     key_id = secrets.token_hex(ID_LEN // 2)
     secret = secrets.token_urlsafe(32)
     return f"{KEY_PREFIX}{key_id}-{secret}", key_id, _hash(secret)
+
+
+def issue_key(records: list[KeyRecord], name: str, models: list[str], rpm: int, tpm: int,
+              concurrency: int, expires_at: str | None = None) -> str:
+    """Append a new key for `name` to `records`; return the key itself (shown once)."""
+    key, key_id, digest = new_key()
+    records.append(KeyRecord(id=key_id, name=name, hash=digest, models=list(models), rpm=rpm,
+                             tpm=tpm, max_concurrency=concurrency, created_at=now_iso(),
+                             expires_at=expires_at))
+    return key
 
 
 def read_records(path: Path) -> list[KeyRecord]:
@@ -214,17 +224,11 @@ def cmd_create(args: argparse.Namespace, path: Path) -> int:
     now = time.time()
     if any(r.name == args.name and r.active(now) for r in records):
         raise KeyStoreError(f"an active key named {args.name!r} exists; rotate or revoke it")
-    key, key_id, digest = new_key()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise KeyStoreError("--models needs at least one model name, or '*' for all")
-    records.append(
-        KeyRecord(
-            id=key_id, name=args.name, hash=digest, models=models, rpm=args.rpm, tpm=args.tpm,
-            max_concurrency=args.concurrency, created_at=_now_iso(),
-            expires_at=_expiry(args.expires),
-        )
-    )
+    key = issue_key(records, args.name, models, args.rpm, args.tpm, args.concurrency,
+                    _expiry(args.expires))
     write_records(path, records)
     _print_new(args, key)
     return 0
@@ -233,18 +237,14 @@ def cmd_create(args: argparse.Namespace, path: Path) -> int:
 def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
     records = read_records(path)
     old = _find_active(records, args.name)
-    key, key_id, digest = new_key()
-    new = KeyRecord(
-        id=key_id, name=old.name, hash=digest, models=old.models, rpm=old.rpm, tpm=old.tpm,
-        max_concurrency=old.max_concurrency, created_at=_now_iso(), expires_at=old.expires_at,
-    )
+    key = issue_key(records, old.name, old.models, old.rpm, old.tpm, old.max_concurrency,
+                    old.expires_at)
     if args.grace_minutes > 0:
         until = datetime.now(UTC) + timedelta(minutes=args.grace_minutes)
         if old.expires_at is None or _parse_ts(old.expires_at) > until.timestamp():
             old.expires_at = until.replace(microsecond=0).isoformat()
     else:
-        old.revoked_at = _now_iso()
-    records.append(new)
+        old.revoked_at = now_iso()
     write_records(path, records)
     _print_new(args, key)
     return 0
@@ -253,7 +253,7 @@ def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
 def cmd_revoke(args: argparse.Namespace, path: Path) -> int:
     records = read_records(path)
     rec = _find_active(records, args.name)
-    rec.revoked_at = _now_iso()
+    rec.revoked_at = now_iso()
     write_records(path, records)
     print(f"revoked key {rec.name} (id {rec.id})", file=sys.stderr)
     return 0
