@@ -15,7 +15,6 @@ import contextlib
 import fcntl
 import os
 import shlex
-import signal
 import ssl
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app import keys as keys_cli
-from stack import declaration, local_models
+from stack import declaration, local_models, procs
 from stack.render import parse_env_file, render, resolve, role_defaults, write
 
 ROOT = declaration.ROOT
@@ -65,13 +64,17 @@ class Component:
     def pid_file(self) -> Path:
         return PIDS / f"{self.name}.pid"
 
-    def pid(self) -> int | None:
-        """The PID we recorded, if that very process (same start time) still runs."""
+    def _recorded(self) -> tuple[int, int] | tuple[None, None]:
         try:
             pid, started = (int(x) for x in self.pid_file.read_text().split())
+            return pid, started
         except (FileNotFoundError, ValueError):
-            return None
-        return pid if _start_time(pid) == started and not _zombie(pid) else None
+            return None, None
+
+    def pid(self) -> int | None:
+        """The PID we recorded, if that very process (same start time) still runs."""
+        pid, started = self._recorded()
+        return pid if procs.alive(pid, started) else None
 
     def healthy(self) -> bool:
         return http_ok(self.health_url)
@@ -82,7 +85,7 @@ class Component:
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                     env={**os.environ, **self.env}, start_new_session=True)
-        self.pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+        self.pid_file.write_text(f"{proc.pid} {procs.start_time(proc.pid)}\n")
 
     def wait_healthy(self, timeout_s: float) -> None:
         deadline, last = time.monotonic() + timeout_s, 0.0
@@ -99,35 +102,10 @@ class Component:
         raise LocalError(f"{self.name} not healthy after {timeout_s:.0f}s; log: {self.log}")
 
     def stop(self, timeout_s: float = 40) -> bool:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return False
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _zombie(pid):
-            time.sleep(0.2)
-        if Path(f"/proc/{pid}").exists() and not _zombie(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # its own session: vLLM's engine child too
+        pid, started = self._recorded()
+        stopped = pid is not None and procs.stop(pid, started, timeout_s, group=True)
         self.pid_file.unlink(missing_ok=True)
-        return True
-
-
-def _start_time(pid: int) -> int | None:
-    """Clock ticks since boot when the process started: with the PID, its identity."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[19])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (FileNotFoundError, IndexError):
-        return True
+        return stopped
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -232,11 +210,11 @@ def demo_key(keys_file: Path) -> str:
     store = keys_cli.KeyStore(keys_file)
     if saved.exists() and store.authenticate(saved.read_text().strip()):
         return saved.read_text().strip()
-    key, key_id, digest = keys_cli.new_key()
-    records = [r for r in keys_cli.read_records(keys_file) if r.name != "demo"]
-    records.append(keys_cli.KeyRecord(
-        id=key_id, name="demo", hash=digest, models=["*"], rpm=600, tpm=1_000_000,
-        max_concurrency=32, created_at=keys_cli._now_iso()))
+    records = keys_cli.read_records(keys_file)
+    for r in records:
+        if r.name == "demo" and r.revoked_at is None:
+            r.revoked_at = keys_cli.now_iso()  # its saved copy is gone: retire it
+    key = keys_cli.issue_key(records, "demo", ["*"], rpm=600, tpm=1_000_000, concurrency=32)
     keys_cli.write_records(keys_file, records)
     fd = os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

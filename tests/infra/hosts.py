@@ -37,7 +37,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from stack import procs
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / ".local"
@@ -462,43 +463,10 @@ def _teardown_host_network(name: str) -> None:
 # --------------------------------------------------------------------------- processes by PID
 
 
-def _proc_start(pid: int | None) -> int | None:
-    """The start time (clock ticks since boot) of a live PID, None when gone or a zombie.
-
-    A PID plus its start time names one process for good, which guards against PID reuse.
-    """
-    if not pid:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] == "Z":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return None
-    return int(fields[19])
-
-
-def _pid_alive(pid: int | None, start: int | None) -> bool:
-    return bool(pid) and start is not None and _proc_start(pid) == start
-
-
 def _stop_pid(pid: int, start: int | None, label: str, timeout: float) -> None:
-    """SIGTERM the process we started, wait, then SIGKILL; a no-op when it is gone."""
-    if not _pid_alive(pid, start):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _pid_alive(pid, start):
-            return
-        time.sleep(0.2)
-    say(f"{label}: still running after {timeout:.0f}s, SIGKILL")
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    while _pid_alive(pid, start):
-        time.sleep(0.1)
+    if procs.alive(pid, start):
+        say(f"{label}: stopping pid {pid}")
+    procs.stop(pid, start, timeout)
 
 
 # --------------------------------------------------------------------------- tinyproxy
@@ -524,7 +492,7 @@ def _proxy_pid() -> tuple[int, int] | None:
     _, pidfile, _ = _proxy_files()
     with contextlib.suppress(OSError, ValueError):
         pid, start = (int(x) for x in pidfile.read_text().split()[:2])
-        if _pid_alive(pid, start):
+        if procs.alive(pid, start):
             return pid, start
     return None
 
@@ -553,7 +521,7 @@ def _ensure_proxy() -> None:
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    pidfile.write_text(f"{proc.pid} {_proc_start(proc.pid)}\n")
+    pidfile.write_text(f"{proc.pid} {procs.start_time(proc.pid)}\n")
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -625,7 +593,7 @@ def _all_states() -> dict[str, dict]:
 
 
 def _is_running(st: dict | None) -> bool:
-    return bool(st) and _pid_alive(st.get("pid"), st.get("start"))
+    return bool(st) and procs.alive(st.get("pid"), st.get("start"))
 
 
 def _host_from_state(st: dict, started: bool = False) -> TestHost:
@@ -747,7 +715,7 @@ def _boot(name: str, address: str, pristine: Path, all_hosts: dict[str, str],
         proc = subprocess.Popen(_nspawn_cmd(name, rootfs, pip.bind_dirs), env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    st = {"name": name, "address": address, "pid": proc.pid, "start": _proc_start(proc.pid),
+    st = {"name": name, "address": address, "pid": proc.pid, "start": procs.start_time(proc.pid),
           "rootfs": str(rootfs),
           "mode": mode, "netns": _netns(name), "veth": _veth(name),
           "booted_at": time.time()}
@@ -791,7 +759,7 @@ def _cleanup_host(name: str, st: dict | None) -> None:
     """Stop (by recorded PID) and remove everything one host owns; idempotent."""
     hdir = STATE_DIR / name
     if st and st.get("pid"):
-        if _pid_alive(st["pid"], st.get("start")):
+        if procs.alive(st["pid"], st.get("start")):
             say(f"{name}: stopping systemd-nspawn pid {st['pid']} (SIGTERM = poweroff)")
         _stop_pid(st["pid"], st.get("start"), name, STOP_TIMEOUT)
     _teardown_host_network(name)
