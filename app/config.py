@@ -41,7 +41,11 @@ class ModelRoute(_Strict):
     )
     max_tokens: int = Field(default=1024, gt=0, description="cap on max_tokens per request")
     max_concurrency: int = Field(default=64, gt=0, description="in-flight requests to this backend")
-    timeout_s: float = Field(default=120.0, gt=0, description="whole-request deadline")
+    timeout_s: float = Field(
+        default=120.0, gt=0,
+        description="deadline of a whole request; for a stream, of each wait for a chunk")
+    stream_max_s: float = Field(
+        default=900.0, gt=0, description="deadline of a whole stream, however steadily it flows")
     required: bool = Field(default=True, description="whether /ready fails when it is down")
 
     @property
@@ -85,6 +89,9 @@ class ReadyConfig(_Strict):
 class GatewayConfig(_Strict):
     keys_file: Path = Field(description="hashed API keys (python -m app.keys manages it)")
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    max_response_bytes: int = Field(
+        default=64 << 20, gt=0,
+        description="largest non-streaming backend answer held in memory (502 above it)")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace for streams")
     rate_limit: RateLimitConfig = RateLimitConfig()
     ready: ReadyConfig = ReadyConfig()

@@ -34,8 +34,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
         yield
         await gw.stop()
 
+    # no slash redirects: they would send clients to a URL built from their own Host header
     app = FastAPI(title="LLM gateway", version="0.1.0", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, summary="OpenAI-compatible front door to vLLM")
+                  redoc_url=None, summary="OpenAI-compatible front door to vLLM",
+                  redirect_slashes=False)
     app.state.gw = gw
     app.state.readiness = Readiness(gw)
     app.include_router(routes.router)
@@ -43,7 +45,11 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail),
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = (f"no endpoint at {request.method} {request.url.path}: the API is "
+                       "/v1/completions, /v1/chat/completions, /v1/embeddings and /v1/models")
+        return error_response(exc.status_code, message,
                               _HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
                               headers=getattr(exc, "headers", None))
 
@@ -89,8 +95,9 @@ def _document_models(components: dict, config: GatewayConfig) -> None:
         props = components[cls.__name__]["properties"]
         if by_task[task]:
             props["model"]["enum"] = by_task[task]
-        if "max_tokens" in props:
-            props["max_tokens"]["anyOf"][0]["maximum"] = top_cap
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field]["anyOf"][0]["maximum"] = top_cap
 
 
 def __getattr__(name: str):

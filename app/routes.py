@@ -1,5 +1,5 @@
 """The OpenAI endpoints. The hot path reads like the data path:
-authenticate, read and check the body, route, limit, relay, account.
+authenticate, read and check the body (admission.py), route, limit, relay (relay.py), account.
 """
 
 from __future__ import annotations
@@ -11,18 +11,17 @@ import time
 import uuid
 from time import perf_counter
 
-import aiohttp
 import anyio
 import orjson
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from app import schemas
-from app.errors import ApiError, bad_request, error_body, unauthorized
+from app import admission, schemas
+from app.errors import ApiError, error_body, unauthorized
 from app.keys import KeyRecord
 from app.limits import Budget, LimiterUnavailable
 from app.logs import log_request
+from app.relay import CLIENT_CLOSED, RelayResponse, SseRelay, read_usage
 from app.state import Gateway
 from app.upstream import Backend, BackendError, BackendTimeout, backend_error_body
 
@@ -30,7 +29,6 @@ router = APIRouter()
 log = logging.getLogger("gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
 _STARTED = int(time.time())
 
 # endpoint -> (path on the backend, request model)
@@ -42,17 +40,24 @@ _ENDPOINTS = {
 
 
 class Exchange:
-    """One request's bookkeeping, closed exactly once by `finish`."""
+    """One request's bookkeeping, closed exactly once by `finish`.
 
-    __slots__ = ("gw", "rid", "t0", "endpoint", "key", "budget", "model", "backend", "stream",
-                 "status", "error", "prompt_tokens", "completion_tokens", "prompt_estimate",
-                 "ttfb", "backend_wait", "overhead", "reserved", "client")
+    `rid` is the gateway's own id: the limiter files the request under it and vLLM uses it
+    as its engine request id, so no client can make two requests collide. The client's
+    `x-request-id`, when well formed, is only echoed and logged.
+    """
+
+    __slots__ = ("gw", "rid", "client_rid", "t0", "endpoint", "key", "budget", "model",
+                 "backend", "stream", "status", "error", "prompt_tokens", "completion_tokens",
+                 "prompt_estimate", "reservation", "chunks", "ttfb", "backend_wait",
+                 "overhead", "reserved", "client", "finished")
 
     def __init__(self, gw: Gateway, request: Request, endpoint: str):
         self.gw = gw
         self.t0 = perf_counter()
+        self.rid = uuid.uuid4().hex
         rid = request.headers.get("x-request-id")
-        self.rid = rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        self.client_rid = rid if rid and _REQUEST_ID.match(rid) else None
         self.endpoint = endpoint
         self.key: KeyRecord | None = None
         self.budget: Budget | None = None
@@ -64,33 +69,47 @@ class Exchange:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.prompt_estimate = 0
+        self.reservation = 0
+        self.chunks = 0  # stream events with a body: what the backend produced so far
         self.ttfb: float | None = None
         self.backend_wait = 0.0
         self.overhead: float | None = None
         self.reserved = False
+        self.finished = False
         self.client = request.headers.get("x-real-ip") or (
             request.client.host if request.client else "-")
 
     def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         if self.overhead is None:
             self.overhead = perf_counter() - self.t0 - self.backend_wait
-        h = {"x-request-id": self.rid, "x-gateway-overhead-ms": f"{self.overhead * 1000:.3f}"}
+        h = {"x-request-id": self.client_rid or self.rid,
+             "x-gateway-overhead-ms": f"{self.overhead * 1000:.3f}"}
         if extra:
             h.update(extra)
         return h
 
+    def settlement(self) -> int | None:
+        """What the request costs the key: the tokens it used when the backend did work
+        (a success, a client that left, a stream broken after some chunks), the whole
+        reservation when a generation timed out unseen, else nothing (None refunds)."""
+        if 200 <= self.status < 300 or self.status == CLIENT_CLOSED or self.chunks:
+            prompt = self.prompt_estimate if self.prompt_tokens is None else self.prompt_tokens
+            return prompt + (self.completion_tokens or 0)
+        if self.error == "backend_timeout":
+            return self.reservation
+        return None
+
     async def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
         gw, m = self.gw, self.gw.metrics
         duration = perf_counter() - self.t0
         key_name = self.key.name if self.key else "-"
         if self.reserved:
-            ok = 200 <= self.status < 300 or self.status == _CLIENT_CLOSED
-            used = None
-            if ok:
-                used = (self.prompt_tokens or self.prompt_estimate) + (self.completion_tokens or 0)
-            await gw.limiter.finish(self.budget, self.rid, used)
-            self.backend.in_flight -= 1
+            self.backend.leave()
             m.in_flight.labels(self.model).dec()
+            await gw.limiter.finish(self.budget, self.rid, self.settlement())
         if self.endpoint != "models":
             m.requests.labels(self.model, key_name, str(self.status)).inc()
             if self.backend is not None:
@@ -107,9 +126,9 @@ class Exchange:
         # the first byte is no measure of the decode rate
         tps = round(self.completion_tokens / duration, 1) if self.completion_tokens else None
         log_request({
-            "request_id": self.rid, "key": key_name, "model": self.model,
-            "endpoint": self.endpoint, "stream": self.stream, "status": self.status,
-            "error": self.error, "prompt_tokens": self.prompt_tokens,
+            "request_id": self.rid, "client_request_id": self.client_rid, "key": key_name,
+            "model": self.model, "endpoint": self.endpoint, "stream": self.stream,
+            "status": self.status, "error": self.error, "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "ttft_ms": round(self.ttfb * 1000, 1) if self.ttfb is not None else None,
             "duration_ms": round(duration * 1000, 1), "tokens_per_s": tps,
@@ -135,76 +154,6 @@ def authenticate(gw: Gateway, request: Request) -> KeyRecord:
     return record
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    too_big = ApiError(413, f"request body is larger than the {limit}-byte limit",
-                       "invalid_request_error", "request_too_large")
-    if declared is not None:
-        if not declared.isdigit():
-            raise bad_request("Content-Length is not a number")
-        if int(declared) > limit:
-            raise too_big
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_big
-    return bytes(body)
-
-
-def parse_body(body: bytes, model_cls) -> dict:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise bad_request(f"request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise bad_request("request body must be a JSON object")
-    try:
-        model_cls.__pydantic_validator__.validate_python(data)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise bad_request(f"invalid field '{field}': {first['msg']}", param=field) from None
-    return data
-
-
-def _text_len(value) -> int:
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, list):
-        return sum(_text_len(v) if not isinstance(v, int) else 4 for v in value)
-    if isinstance(value, dict):
-        return _text_len(value.get("text") or value.get("content") or "")
-    return 0
-
-
-def estimate_prompt_tokens(endpoint: str, data: dict) -> int:
-    """A cheap upper-ish estimate (4 characters a token) for the up-front reservation;
-    the real count from the backend replaces it when the request settles."""
-    if endpoint == "chat":
-        chars = sum(_text_len(m.get("content")) + 4 for m in data["messages"])
-    else:
-        chars = _text_len(data.get("prompt") if endpoint == "completions" else data["input"])
-    return chars // 4 + 1
-
-
-def apply_model_caps(ex: Exchange, data: dict) -> int:
-    """Enforce the model's max_tokens cap (default it when absent); return the most
-    completion tokens the request may produce."""
-    if ex.endpoint == "embeddings":
-        return 0
-    cap = ex.backend.route.max_tokens
-    field = "max_completion_tokens" if data.get("max_completion_tokens") else "max_tokens"
-    asked = data.get(field)
-    if asked is None:
-        data["max_tokens"] = asked = cap
-    elif asked > cap:
-        raise bad_request(
-            f"{field}={asked} is above model '{ex.model}' limit of {cap}; ask for {cap} or fewer",
-            param=field, code="max_tokens_too_large")
-    return asked * data.get("n", 1)
-
-
 @router.get("/v1/models", response_model=schemas.ModelList, summary="Models this key may use",
             responses={401: {"model": schemas.ErrorResponse}})
 async def list_models(request: Request) -> Response:
@@ -228,35 +177,44 @@ async def list_models(request: Request) -> Response:
 async def proxy(request: Request, endpoint: str) -> Response:
     gw: Gateway = request.app.state.gw
     ex = Exchange(gw, request, endpoint)
+    resp = None
     try:
         resp = await _proxy(gw, ex, request)
-        if isinstance(resp, RelayResponse):
-            return resp  # the relay does the bookkeeping when the stream ends
     except ApiError as e:
         resp = ex.fail(e)
+    except admission.ClientGone:
+        ex.status, ex.error = CLIENT_CLOSED, "client_closed"
+        resp = Response(status_code=CLIENT_CLOSED)  # nobody reads it
     except BackendError as e:
         gw.metrics.backend_errors.labels(ex.model, e.kind).inc()
-        if isinstance(e, BackendTimeout):
-            resp = ex.fail(ApiError(
-                504, f"model '{ex.model}' did not answer within {ex.backend.route.timeout_s:g}s",
-                "timeout_error", "backend_timeout"))
-        else:
-            resp = ex.fail(ApiError(
-                503, f"model '{ex.model}' is unavailable right now; retry later",
-                "service_unavailable", "backend_unavailable", headers={"retry-after": "5"}))
+        resp = ex.fail(_backend_failure(ex, e))
     except Exception:
         log.exception("unexpected error serving request %s", ex.rid)
         resp = ex.fail(ApiError(500, f"internal error; quote request id {ex.rid} when reporting",
                                 "api_error", "internal_error"))
-    await ex.finish()
+    finally:
+        if not isinstance(resp, RelayResponse):  # a relay does its bookkeeping at its end
+            with anyio.CancelScope(shield=True):
+                await ex.finish()
     return resp
+
+
+def _backend_failure(ex: Exchange, e: BackendError) -> ApiError:
+    if isinstance(e, BackendTimeout):
+        return ApiError(504, f"model '{ex.model}' did not answer within "
+                        f"{ex.backend.route.timeout_s:g}s", "timeout_error", "backend_timeout")
+    if e.kind == "protocol":
+        return ApiError(502, f"model '{ex.model}' sent an answer the gateway cannot relay "
+                        f"({e})", "api_error", "backend_error")
+    return ApiError(503, f"model '{ex.model}' is unavailable right now; retry later",
+                    "service_unavailable", "backend_unavailable", headers={"retry-after": "5"})
 
 
 async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
     ex.key = authenticate(gw, request)
     path, model_cls = _ENDPOINTS[ex.endpoint]
-    body = await read_body(request, gw.config.max_body_bytes)
-    data = parse_body(body, model_cls)
+    body = await admission.read_body(request, gw.config.max_body_bytes)
+    data = admission.parse_body(body, model_cls)
 
     public = data["model"]
     backend = gw.backends.get(public)
@@ -268,25 +226,22 @@ async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
         raise ApiError(403, f"this key may not use model '{public}'",
                        "permission_error", "model_not_allowed", "model")
     route = backend.route
+    admission.check_task(ex.endpoint, route)
 
     modified = False
+    max_completion = 0
     if ex.endpoint != "embeddings":
         ex.stream = data.get("stream", False)
         before = data.get("max_tokens")
-        max_completion = apply_model_caps(ex, data)
-        modified = data.get("max_tokens") != before
-    else:
-        max_completion = 0
-    ex.prompt_estimate = estimate_prompt_tokens(ex.endpoint, data)
-    wanted = ex.prompt_estimate + max_completion
+        max_completion = admission.apply_caps(data, route)
+        modified = data["max_tokens"] != before
+    ex.prompt_estimate, wanted = admission.estimate(ex.endpoint, data, max_completion)
     if wanted > ex.key.tpm:
-        raise bad_request(
-            f"this request may use {wanted} tokens, more than the key's budget of {ex.key.tpm} "
-            "tokens per minute; lower max_tokens or shorten the prompt", param="max_tokens",
-            code="tokens_exceed_budget")
-    if backend.in_flight >= route.max_concurrency:
-        raise ApiError(503, f"model '{public}' is at capacity; retry shortly",
-                       "service_unavailable", "model_at_capacity", headers={"retry-after": "1"})
+        raise ApiError(
+            400, f"this request may use {wanted} tokens, more than the key's budget of "
+            f"{ex.key.tpm} tokens per minute; lower max_tokens, n or the number of prompts, "
+            "or shorten the input", "invalid_request_error", "tokens_exceed_budget",
+            "max_tokens")
 
     injected_usage = False
     if ex.stream:
@@ -299,6 +254,33 @@ async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
         data["model"] = route.backend_name
         modified = True
 
+    decision = await _admit(gw, ex, backend, wanted)
+    out = orjson.dumps(data) if modified else body
+    sent = perf_counter()
+    if ex.stream:
+        resp = await backend.post(path, out, True, {"x-request-id": ex.rid})
+        ex.backend_wait = perf_counter() - sent
+        if resp.status == 200:
+            ex.status = 200
+            relay = SseRelay(ex, resp, injected_usage, route.backend_name)
+            return RelayResponse(relay, headers=ex.headers(
+                {**decision.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}))
+        raw = await backend.read(resp, gw.config.max_response_bytes)
+    else:
+        status, raw = await _until_client_leaves(
+            request, _fetch(backend, path, out, ex.rid, gw.config.max_response_bytes))
+        resp = None
+    ex.ttfb = ex.backend_wait = perf_counter() - sent
+    return _plain_response(ex, resp.status if resp is not None else status, raw,
+                           route.backend_name, decision.headers)
+
+
+async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
+    """Charge the key's budget, then take a slot on the model, or refuse (429, 503).
+
+    The key comes first so a key over its budget never holds model slots (not even during
+    the Redis round trip) that other keys' requests would then be refused for.
+    """
     ex.budget = Budget(ex.key.id, ex.key.rpm, ex.key.tpm, ex.key.max_concurrency)
     try:
         decision = await gw.limiter.acquire(ex.budget, ex.rid, wanted)
@@ -315,32 +297,42 @@ async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
             429, f"rate limit reached for key '{ex.key.name}': {_LIMIT_TEXT[decision.refused_by]}",
             "rate_limit_error", "rate_limit_exceeded",
             headers={**decision.headers, "retry-after": str(max(1, round(decision.retry_after_s)))})
-    ex.reserved = True
-    backend.in_flight += 1
-    gw.metrics.in_flight.labels(public).inc()
+    if not backend.enter():  # checked and counted in one step: no await in between
+        with anyio.CancelScope(shield=True):
+            await gw.limiter.finish(ex.budget, ex.rid, None)
+        raise ApiError(503, f"model '{ex.model}' is at capacity; retry shortly",
+                       "service_unavailable", "model_at_capacity", headers={"retry-after": "1"})
+    ex.reserved, ex.reservation = True, wanted
+    gw.metrics.in_flight.labels(ex.model).inc()
+    return decision
 
-    out = orjson.dumps(data) if modified else body
-    sent = perf_counter()
-    resp = await backend.post(path, out, ex.stream, {"x-request-id": ex.rid})
-    ex.ttfb = perf_counter() - ex.t0
-    ex.backend_wait = perf_counter() - sent
 
-    if resp.status != 200 or not ex.stream:
-        try:
-            raw = await resp.read()
-        except TimeoutError:
-            raise BackendTimeout() from None
-        except aiohttp.ClientError as e:
-            raise BackendError(str(e)) from None
-        finally:
-            resp.release()
-        ex.backend_wait = perf_counter() - sent
-        return _plain_response(ex, resp.status, raw, route.backend_name, decision.headers)
+async def _fetch(backend: Backend, path: str, body: bytes, rid: str,
+                 limit: int) -> tuple[int, bytes]:
+    resp = await backend.post(path, body, False, {"x-request-id": rid})
+    return resp.status, await backend.read(resp, limit)
 
-    ex.status = 200
-    relay = SseRelay(ex, resp, injected_usage, route.backend_name)
-    return RelayResponse(relay, headers=ex.headers(
-        {**decision.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}))
+
+async def _until_client_leaves(request: Request, work):
+    """Run `work`; if the client disconnects first, cancel it (closing the backend
+    connection, which makes vLLM abort the generation) and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.cancelled() and task.done():
+        return task.result()
+    raise admission.ClientGone
+
+
+async def _disconnected(request: Request) -> None:
+    # the body is read whole by now, so the next ASGI message is the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 _LIMIT_TEXT = {
@@ -352,128 +344,32 @@ _LIMIT_TEXT = {
 
 def _plain_response(ex: Exchange, status: int, raw: bytes, served: str,
                     limit_headers: dict[str, str]) -> Response:
-    if status != 200:
-        kind = "status_5xx" if status >= 500 else "status_4xx"
+    doc = None
+    if status == 200:
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    if not isinstance(doc, dict):
+        kind = "status_4xx" if 400 <= status < 500 else "status_5xx" if status >= 500 \
+            else "protocol"
         ex.gw.metrics.backend_errors.labels(ex.model, kind).inc()
         ex.error = "backend_error"
-        if status >= 500:
+        if kind == "status_4xx":
+            ex.status = status  # the backend's own verdict on the request, in OpenAI form
+            body = backend_error_body(raw, status, ex.model)
+        else:  # a 5xx, a redirect, a 200 that is not a JSON object: the backend failed
             ex.status = 502
             body = error_body(f"model '{ex.model}' failed to answer (backend status {status})",
                               "api_error", "backend_error")
-        else:
-            ex.status = status  # the backend's own verdict on the request, in OpenAI form
-            body = backend_error_body(raw, status)
         return Response(body, ex.status, media_type="application/json",
                         headers=ex.headers(limit_headers))
     ex.status = 200
-    try:
-        doc = orjson.loads(raw)
-        usage = doc.get("usage") or {}
-        ex.prompt_tokens = usage.get("prompt_tokens")
-        ex.completion_tokens = usage.get("completion_tokens") or 0
-        if served != ex.model and doc.get("model") == served:
-            doc["model"] = ex.model
-            raw = orjson.dumps(doc)
-    except (orjson.JSONDecodeError, AttributeError):
-        ex.error = "backend_sent_non_json"
+    read_usage(ex, doc.get("usage"))
+    if served != ex.model and doc.get("model") == served:
+        doc["model"] = ex.model
+        raw = orjson.dumps(doc)
     return Response(raw, 200, media_type="application/json", headers=ex.headers(limit_headers))
-
-
-class RelayResponse(StreamingResponse):
-    """Close the relay however the response ends (client gone, server shutting down), so the
-    backend request is cancelled and the bookkeeping done at once rather than at GC time."""
-
-    def __init__(self, relay: SseRelay, headers: dict[str, str]):
-        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
-        self.relay = relay
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self.relay.close()
-
-
-class SseRelay:
-    """Relays vLLM's Server-Sent Events as they arrive, one backend read at a time, and
-    reads the usage on the way."""
-
-    def __init__(self, ex: Exchange, resp: aiohttp.ClientResponse, hide_usage: bool,
-                 served: str):
-        self.ex = ex
-        self.resp = resp
-        self.hide_usage = hide_usage
-        self.rename = (f'"model":"{served}"'.encode(), f'"model":"{ex.model}"'.encode()) \
-            if served != ex.model else None
-        self.chunks = 0
-        self.closed = False
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        # closing (not releasing) the connection is what makes vLLM abort the generation
-        if not self.resp.closed:
-            self.resp.close()
-        if self.ex.completion_tokens is None:
-            self.ex.completion_tokens = self.chunks  # vLLM streams about one token per chunk
-        await self.ex.finish()
-
-    def _event(self, event: bytes) -> bytes | None:
-        if not event.startswith(b"data: {"):
-            return event
-        self.chunks += 1
-        if b'"usage"' in event:
-            try:
-                doc = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                doc = {}
-            usage = doc.get("usage")
-            if usage:
-                self.ex.prompt_tokens = usage.get("prompt_tokens")
-                self.ex.completion_tokens = usage.get("completion_tokens")
-            if self.hide_usage:
-                if usage and not doc.get("choices"):
-                    self.chunks -= 1
-                    return None  # the usage-only chunk the client did not ask for
-                if "usage" in doc:
-                    del doc["usage"]
-                    event = b"data: " + orjson.dumps(doc) + b"\n\n"
-        if self.rename:
-            event = event.replace(*self.rename)
-        return event
-
-    async def events(self):
-        ex, buf, first = self.ex, b"", True
-        try:
-            async for chunk in self.resp.content.iter_any():
-                if first:
-                    ex.ttfb, first = perf_counter() - ex.t0, False
-                buf += chunk
-                out = []
-                while (end := buf.find(b"\n\n")) >= 0:
-                    event, buf = buf[: end + 2], buf[end + 2 :]
-                    if (kept := self._event(event)) is not None:
-                        out.append(kept)
-                if out:
-                    yield b"".join(out)
-            if buf:
-                yield buf
-        except (TimeoutError, aiohttp.ClientError) as e:
-            kind = "timeout" if isinstance(e, TimeoutError) else "stream"
-            ex.gw.metrics.backend_errors.labels(ex.model, kind).inc()
-            ex.status, ex.error = (504, "backend_timeout") if kind == "timeout" else \
-                (502, "backend_stream_broken")
-            yield b"data: " + error_body(
-                f"model '{ex.model}' stopped answering mid-stream", "api_error", ex.error) + b"\n\n"
-        except (asyncio.CancelledError, GeneratorExit):
-            ex.status, ex.error = _CLIENT_CLOSED, "client_closed"
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.close()
 
 
 def _route(endpoint: str, model_cls, response_model, summary: str):

@@ -13,7 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 _PASS_THROUGH = ConfigDict(extra="allow", strict=True)
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+# Bounds on what one request may ask for: each list item is work for the engine (a prompt is
+# its own generation, an input its own embedding), and every item costs the gateway time to
+# check before any budget is charged.
+MAX_ITEMS = 2048
+MAX_CHOICES = 16
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Inputs = (Annotated[str, Field(min_length=1)]
+          | Annotated[list[Annotated[str, Field(min_length=1)]],
+                      Field(min_length=1, max_length=MAX_ITEMS)]
+          | TokenIds
+          | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_ITEMS)])
 
 
 class StreamOptions(BaseModel):
@@ -25,34 +36,37 @@ class _Generation(BaseModel):
     model_config = _PASS_THROUGH
     model: str = Field(min_length=1, description="a model name from GET /v1/models")
     max_tokens: int | None = Field(default=None, ge=1, description="defaults to the model's cap")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="the newer name of max_tokens (chat); capped the same")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = None
 
 
 class CompletionRequest(_Generation):
-    prompt: Annotated[str | list[str] | TokenIds | list[TokenIds], Field(min_length=1)]
+    prompt: Inputs
 
 
 class ChatMessage(BaseModel):
     model_config = _PASS_THROUGH
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_ITEMS)] | None = None
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
+    tools: Annotated[list[dict[str, Any]], Field(max_length=256)] | None = None
+    functions: Annotated[list[dict[str, Any]], Field(max_length=256)] | None = None
 
 
 class EmbeddingRequest(BaseModel):
     model_config = _PASS_THROUGH
     model: str = Field(min_length=1)
-    input: Annotated[str | list[str] | TokenIds | list[TokenIds], Field(min_length=1)]
+    input: Inputs
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
 

@@ -1,0 +1,154 @@
+"""The stream relay: vLLM's Server-Sent Events to the client as they arrive, reading the
+usage on the way, and ending with an error event (never a silent cut) when the backend
+breaks, stalls, exceeds the stream deadline or sends what is not an event stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import aiohttp
+import anyio
+import orjson
+from starlette.responses import StreamingResponse
+
+from app.errors import error_body
+
+if TYPE_CHECKING:
+    from app.routes import Exchange
+
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before the answer
+# one event larger than this is not vLLM talking (its largest are a chunk with logprobs)
+MAX_EVENT_BYTES = 1 << 20
+
+
+def token_count(value) -> int | None:
+    """A usage number as the backend should send it, or None for anything else."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def read_usage(ex: Exchange, usage) -> None:
+    if isinstance(usage, dict):
+        ex.prompt_tokens = token_count(usage.get("prompt_tokens"))
+        ex.completion_tokens = token_count(usage.get("completion_tokens"))
+
+
+class RelayResponse(StreamingResponse):
+    """Close the relay however the response ends (client gone, server shutting down), so the
+    backend request is cancelled and the bookkeeping done at once rather than at GC time."""
+
+    def __init__(self, relay: SseRelay, headers: dict[str, str]):
+        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
+        self.relay = relay
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.relay.close()
+
+
+class _Broken(Exception):
+    def __init__(self, status: int, code: str, message: str):
+        self.status, self.code, self.message = status, code, message
+
+
+class SseRelay:
+    def __init__(self, ex: Exchange, resp: aiohttp.ClientResponse, hide_usage: bool,
+                 served: str):
+        self.ex = ex
+        self.resp = resp
+        self.hide_usage = hide_usage
+        self.rename = (f'"model":"{served}"'.encode(), f'"model":"{ex.model}"'.encode()) \
+            if served != ex.model else None
+        self.deadline = ex.t0 + ex.backend.route.stream_max_s
+        self.done = False
+        self.closed = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # closing (not releasing) the connection is what makes vLLM abort the generation
+        if not self.resp.closed:
+            self.resp.close()
+        if self.ex.completion_tokens is None:
+            self.ex.completion_tokens = self.ex.chunks  # vLLM streams about a token a chunk
+        await self.ex.finish()
+
+    def _event(self, event: bytes) -> bytes | None:
+        if event.startswith(b"data: [DONE]"):
+            self.done = True
+            return event
+        if not event.startswith(b"data: {"):
+            return event
+        self.ex.chunks += 1
+        if b'"usage"' in event:
+            try:
+                doc = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                doc = {}
+            usage = doc.get("usage") if isinstance(doc, dict) else None
+            read_usage(self.ex, usage)
+            if self.hide_usage and usage is not None:
+                if not doc.get("choices"):
+                    self.ex.chunks -= 1
+                    return None  # the usage-only chunk the client did not ask for
+                del doc["usage"]
+                event = b"data: " + orjson.dumps(doc) + b"\n\n"
+        if self.rename:
+            event = event.replace(*self.rename)
+        return event
+
+    def _split(self, buf: bytes) -> tuple[list[bytes], bytes]:
+        """Complete events out of `buf` (kept ones only), and the unfinished rest."""
+        if b"\r" in buf:  # the SSE spec allows CRLF and CR line ends; keep a CR that may
+            tail = b"\r" if buf.endswith(b"\r") else b""  # pair with the next read's LF
+            buf = buf[: len(buf) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            buf += tail
+        out = []
+        while (end := buf.find(b"\n\n")) >= 0:
+            event, buf = buf[: end + 2], buf[end + 2:]
+            if (kept := self._event(event)) is not None:
+                out.append(kept)
+        if len(buf) > MAX_EVENT_BYTES:
+            raise _Broken(502, "backend_stream_broken",
+                          f"model '{self.ex.model}' sent an event over {MAX_EVENT_BYTES} bytes")
+        return out, buf
+
+    async def events(self):
+        ex, buf, first = self.ex, b"", True
+        try:
+            try:
+                async for chunk in self.resp.content.iter_any():
+                    if first:
+                        ex.ttfb, first = perf_counter() - ex.t0, False
+                    out, buf = self._split(buf + chunk)
+                    if out:
+                        yield b"".join(out)
+                    if perf_counter() > self.deadline:
+                        raise _Broken(504, "stream_deadline", f"model '{ex.model}' streamed "
+                                      f"longer than {ex.backend.route.stream_max_s:g}s")
+                if not self.done:
+                    raise _Broken(502, "backend_stream_broken",
+                                  f"model '{ex.model}' ended the stream before it was complete")
+            except TimeoutError:
+                raise _Broken(504, "backend_timeout",
+                              f"model '{ex.model}' stopped answering mid-stream") from None
+            except aiohttp.ClientError:
+                raise _Broken(502, "backend_stream_broken",
+                              f"model '{ex.model}' broke the stream") from None
+        except _Broken as e:
+            ex.gw.metrics.backend_errors.labels(ex.model, e.code).inc()
+            ex.status, ex.error = e.status, e.code
+            yield b"data: " + error_body(e.message, "api_error", e.code) + b"\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            ex.status, ex.error = CLIENT_CLOSED, "client_closed"
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.close()
