@@ -9,7 +9,7 @@ PYTHON ?= python3
 # mk/*.mk add theirs. Installed with services kept stopped: we start our own, on loopback.
 DEB_PACKAGES := redis-server wrk
 
-.PHONY: help deps deps-system venv lint test test-fast test-unit bench-gateway clean
+.PHONY: help deps deps-system venv lint test test-fast test-unit bench-gateway bench-hostile clean
 
 help: ## list the verbs
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ plan-gpu: venv ## fit the declared models on one GPU (GPU=a10g|l4|a100-40|a100-8
 
 bench-gateway: deps ## what the gateway adds over a direct call: latency and max rate
 	$(PY) -m tests.bench.gateway_bench
+
+bench-hostile: deps-system venv ## other clients' latency while one key sends its worst bodies
+	$(PY) -m tests.bench.hostile_bench
 
 clean: ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

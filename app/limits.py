@@ -47,6 +47,10 @@ class LimiterUnavailable(Exception):
 
 
 class Limiter(Protocol):
+    async def charge(self, budget: Budget, req_id: str) -> Decision:
+        """Count a request against requests/min before its body is read (no tokens, no
+        slot). A later `acquire` under the same id does not count it twice."""
+
     async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision: ...
 
     async def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
@@ -92,13 +96,27 @@ class MemoryLimiter:
         self.clock = clock
         self._keys: dict[str, _KeyWindows] = {}
 
-    async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision:
-        now = self.clock()
+    def _windows(self, budget: Budget, now: float) -> _KeyWindows:
         w = self._keys.get(budget.key_id)
         if w is None:
             w = self._keys[budget.key_id] = _KeyWindows()
         w.evict(now - self.window_s)
-        n_req, n_tok = len(w.requests), w.token_sum
+        return w
+
+    async def charge(self, budget: Budget, req_id: str) -> Decision:
+        now = self.clock()
+        w = self._windows(budget, now)
+        if len(w.requests) >= budget.rpm:
+            reset = next(iter(w.requests.values())) + self.window_s - now
+            return Decision(False, REQUESTS, max(reset, 0.001))
+        w.requests[req_id] = now
+        return Decision(True)
+
+    async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision:
+        now = self.clock()
+        w = self._windows(budget, now)
+        # a request charged before its body was read is already in the window
+        n_req, n_tok = len(w.requests) - (req_id in w.requests), w.token_sum
         oldest_req = next(iter(w.requests.values()), now)
         oldest_tok = next(iter(w.tokens.values()), (now, 0))[0]
         reset_req = oldest_req + self.window_s - now
@@ -170,6 +188,7 @@ if #old > 0 then
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local n_req = redis.call('ZCARD', KEYS[1])
+if redis.call('ZSCORE', KEYS[1], id) then n_req = n_req - 1 end  -- charged before its body
 local n_tok = tonumber(redis.call('HGET', KEYS[3], '_sum') or '0')
 local first_req = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 local first_tok = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -222,6 +241,21 @@ end
 return 1
 """
 
+# KEYS: requests zset; ARGV: window_s, rpm, id, lease_s
+_CHARGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local win, rpm, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - win)
+if redis.call('ZCARD', KEYS[1]) >= rpm then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {1, tostring(tonumber(first[2]) + win - now)}
+end
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('PEXPIRE', KEYS[1], math.ceil((win + tonumber(ARGV[4])) * 1000))
+return {0, '0'}
+"""
+
 _REFUSED_BY = {1: REQUESTS, 2: TOKENS, 3: CONCURRENCY}
 
 
@@ -240,12 +274,28 @@ class RedisLimiter:
         self.pool = pool
         self.redis = aioredis.Redis(connection_pool=pool)
         self._acquire = self.redis.register_script(_ACQUIRE)
+        self._charge = self.redis.register_script(_CHARGE)
         self._finish = self.redis.register_script(_FINISH)
 
     @staticmethod
     def _keys(key_id: str) -> list[str]:
         base = f"gw:rl:{{{key_id}}}"  # one hash slot per key, should Redis be a cluster
         return [f"{base}:req", f"{base}:tok", f"{base}:tokn", f"{base}:inflight"]
+
+    def _unreachable(self, e: Exception) -> Decision:
+        log.warning("rate-limit store unreachable: %s", type(e).__name__)
+        if self.fail_open:
+            return Decision(True, unavailable=True)
+        raise LimiterUnavailable from None
+
+    async def charge(self, budget: Budget, req_id: str) -> Decision:
+        try:
+            code, retry = await self._charge(
+                keys=self._keys(budget.key_id)[:1],
+                args=[self.window_s, budget.rpm, req_id, self.lease_s])
+        except (RedisError, OSError) as e:
+            return self._unreachable(e)
+        return Decision(False, REQUESTS, max(float(retry), 0.001)) if code else Decision(True)
 
     async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision:
         try:
@@ -255,10 +305,7 @@ class RedisLimiter:
                       req_id, self.lease_s],
             )
         except (RedisError, OSError) as e:
-            log.warning("rate-limit store unreachable: %s", type(e).__name__)
-            if self.fail_open:
-                return Decision(True, unavailable=True)
-            raise LimiterUnavailable from None
+            return self._unreachable(e)
         headers = _headers(budget, int(n_req), int(n_tok), float(reset_req), float(reset_tok))
         if code:
             return Decision(False, _REFUSED_BY[code], max(float(retry), 0.001), headers)

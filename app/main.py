@@ -86,18 +86,29 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
 
 def _document_models(components: dict, config: GatewayConfig) -> None:
     """Put the declared model names and caps into the request schemas, so /openapi.json tells
-    clients (and schemathesis) what exists."""
-    by_task = {t: [m.name for m in config.models if m.task == t] for t in ("generate", "embed")}
-    top_cap = max(m.max_tokens for m in config.models)
+    clients (and schemathesis) what exists and what each model accepts."""
+    by_task = {t: [m for m in config.models if m.task == t] for t in ("generate", "embed")}
     for cls, task in ((schemas.CompletionRequest, "generate"),
                       (schemas.ChatCompletionRequest, "generate"),
                       (schemas.EmbeddingRequest, "embed")):
-        props = components[cls.__name__]["properties"]
-        if by_task[task]:
-            props["model"]["enum"] = by_task[task]
+        schema, models = components[cls.__name__], by_task[task]
+        if not models:
+            continue
+        schema["properties"]["model"]["enum"] = [m.name for m in models]
+        if task != "generate":
+            continue
+        top = max(m.max_tokens for m in models)
         for field in ("max_tokens", "max_completion_tokens"):
-            if field in props:
-                props[field]["anyOf"][0]["maximum"] = top_cap
+            schema["properties"][field]["anyOf"][0]["maximum"] = top
+        # a model with a lower cap than the top one says so for its own name
+        schema["allOf"] = [{
+            "if": {"properties": {"model": {"const": m.name}}, "required": ["model"]},
+            "then": {"properties": {f: {"anyOf": [{"type": "integer", "maximum": m.max_tokens},
+                                                  {"type": "null"}]}
+                                    for f in ("max_tokens", "max_completion_tokens")}},
+        } for m in models if m.max_tokens < top]
+        if not schema["allOf"]:
+            del schema["allOf"]
 
 
 def __getattr__(name: str):

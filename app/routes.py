@@ -19,7 +19,7 @@ from starlette.responses import Response
 from app import admission, schemas
 from app.errors import ApiError, error_body, unauthorized
 from app.keys import KeyRecord
-from app.limits import Budget, LimiterUnavailable
+from app.limits import Budget, Decision, LimiterUnavailable
 from app.logs import log_request
 from app.relay import CLIENT_CLOSED, RelayResponse, SseRelay, read_usage
 from app.state import Gateway
@@ -212,7 +212,12 @@ def _backend_failure(ex: Exchange, e: BackendError) -> ApiError:
 
 async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
     ex.key = authenticate(gw, request)
+    ex.budget = Budget(ex.key.id, ex.key.rpm, ex.key.tpm, ex.key.max_concurrency)
     path, model_cls = _ENDPOINTS[ex.endpoint]
+    if not admission.small(request):
+        # a large body costs real time to parse: it counts against requests/min before it
+        # is read, refused or not, so one key cannot buy the event loop with invalid bodies
+        _refuse_if_limited(gw, ex, await _limiter_call(gw, gw.limiter.charge(ex.budget, ex.rid)))
     body = await admission.read_body(request, gw.config.max_body_bytes)
     data = admission.parse_body(body, model_cls)
 
@@ -281,22 +286,8 @@ async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
     The key comes first so a key over its budget never holds model slots (not even during
     the Redis round trip) that other keys' requests would then be refused for.
     """
-    ex.budget = Budget(ex.key.id, ex.key.rpm, ex.key.tpm, ex.key.max_concurrency)
-    try:
-        decision = await gw.limiter.acquire(ex.budget, ex.rid, wanted)
-    except LimiterUnavailable:
-        gw.metrics.limiter_errors.inc()
-        raise ApiError(503, "rate limiting is unavailable, so requests are refused; retry later",
-                       "service_unavailable", "ratelimit_unavailable",
-                       headers={"retry-after": "5"}) from None
-    if decision.unavailable:
-        gw.metrics.limiter_errors.inc()
-    if not decision.allowed:
-        gw.metrics.limited.labels(ex.key.name, decision.refused_by).inc()
-        raise ApiError(
-            429, f"rate limit reached for key '{ex.key.name}': {_LIMIT_TEXT[decision.refused_by]}",
-            "rate_limit_error", "rate_limit_exceeded",
-            headers={**decision.headers, "retry-after": str(max(1, round(decision.retry_after_s)))})
+    decision = await _limiter_call(gw, gw.limiter.acquire(ex.budget, ex.rid, wanted))
+    _refuse_if_limited(gw, ex, decision)
     if not backend.enter():  # checked and counted in one step: no await in between
         with anyio.CancelScope(shield=True):
             await gw.limiter.finish(ex.budget, ex.rid, None)
@@ -305,6 +296,28 @@ async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
     ex.reserved, ex.reservation = True, wanted
     gw.metrics.in_flight.labels(ex.model).inc()
     return decision
+
+
+async def _limiter_call(gw: Gateway, call) -> Decision:
+    try:
+        decision = await call
+    except LimiterUnavailable:
+        gw.metrics.limiter_errors.inc()
+        raise ApiError(503, "rate limiting is unavailable, so requests are refused; retry later",
+                       "service_unavailable", "ratelimit_unavailable",
+                       headers={"retry-after": "5"}) from None
+    if decision.unavailable:
+        gw.metrics.limiter_errors.inc()
+    return decision
+
+
+def _refuse_if_limited(gw: Gateway, ex: Exchange, decision: Decision) -> None:
+    if not decision.allowed:
+        gw.metrics.limited.labels(ex.key.name, decision.refused_by).inc()
+        raise ApiError(
+            429, f"rate limit reached for key '{ex.key.name}': {_LIMIT_TEXT[decision.refused_by]}",
+            "rate_limit_error", "rate_limit_exceeded",
+            headers={**decision.headers, "retry-after": str(max(1, round(decision.retry_after_s)))})
 
 
 async def _fetch(backend: Backend, path: str, body: bytes, rid: str,

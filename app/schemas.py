@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 _PASS_THROUGH = ConfigDict(extra="allow", strict=True)
 
@@ -19,7 +19,23 @@ _PASS_THROUGH = ConfigDict(extra="allow", strict=True)
 MAX_ITEMS = 2048
 MAX_CHOICES = 16
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+def _whole_number(value):
+    # JSON has one number type: 2.0 is an integer to JSON Schema (and to the OpenAPI document
+    # clients read), so it is accepted as 2; 2.5, "2" and true are still refused
+    # (only where a float holds integers exactly: beyond 2**53 it is a rounded stand-in)
+    if type(value) is float and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+_WHOLE = BeforeValidator(_whole_number)  # after the bounds, or they vanish from the schema
+Count = Annotated[int, Field(ge=1), _WHOLE]
+INT64 = 2**63 - 1
+MAX_TOKEN_ID = 2**31 - 1
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), _WHOLE]],
+                     Field(min_length=1)]
 Inputs = (Annotated[str, Field(min_length=1)]
           | Annotated[list[Annotated[str, Field(min_length=1)]],
                       Field(min_length=1, max_length=MAX_ITEMS)]
@@ -35,16 +51,16 @@ class StreamOptions(BaseModel):
 class _Generation(BaseModel):
     model_config = _PASS_THROUGH
     model: str = Field(min_length=1, description="a model name from GET /v1/models")
-    max_tokens: int | None = Field(default=None, ge=1, description="defaults to the model's cap")
-    max_completion_tokens: int | None = Field(
-        default=None, ge=1, description="the newer name of max_tokens (chat); capped the same")
+    max_tokens: Count | None = Field(default=None, description="defaults to the model's cap")
+    max_completion_tokens: Count | None = Field(
+        default=None, description="the newer name of max_tokens (chat); capped the same")
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), _WHOLE] = 1
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-INT64 - 1, le=INT64), _WHOLE] | None = None
 
 
 class CompletionRequest(_Generation):
@@ -68,7 +84,7 @@ class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
     input: Inputs
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: int | None = Field(default=None, ge=1)
+    dimensions: Count | None = None
 
 
 # ---- responses (documentation and schema checks; the gateway relays the backend's JSON)

@@ -44,6 +44,7 @@ KEYS = {
     "conc2": ["--rpm", "1000", "--concurrency", "2", "--tpm", "1000000"],
     "tpm1000": ["--rpm", "1000", "--concurrency", "100", "--tpm", "1000"],
     "paid": ["--rpm", "1000", "--concurrency", "100", "--tpm", "100000"],
+    "large3": ["--rpm", "3", "--concurrency", "100", "--tpm", "1000"],
     # one key per settlement test: no entry of another test leaves its window midway
     **{f"paid-{n}": ["--rpm", "1000", "--concurrency", "100", "--tpm", "100000"]
        for n in ("cut", "timeout", "refused")},
@@ -252,6 +253,16 @@ def test_a_refused_request_costs_nothing(hostile_gw):
     assert r.status_code == 400
     after = _next_remaining(hostile_gw, "paid-refused")
     assert before[0] - after[0] == 1 and before[1] - after[1] == 2
+
+
+def test_large_bodies_count_against_requests_per_minute_even_when_refused(hostile_gw):
+    big = {"model": "text2sql", "prompt": [7] * 40_000, "max_tokens": 64}  # over 64 KB
+    got = [post(hostile_gw, big, key="large3") for _ in range(5)]
+    assert [r.status_code for r in got] == [400, 400, 400, 429, 429]
+    assert_openai_error(got[0], 400, "tokens_exceed_budget")
+    assert_openai_error(got[3], 429, "rate_limit_exceeded")
+    # and the key's budget is spent for small requests too
+    assert post(hostile_gw, BODY, key="large3").status_code == 429
 
 
 # ---- no 5xx from a client

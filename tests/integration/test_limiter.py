@@ -147,3 +147,24 @@ def test_retry_after_for_tokens_points_at_when_enough_tokens_leave(make):
     d = asyncio.run(go())
     # 40 more needs the first 50 gone: about 1.5 s from now, not the second one's 2 s
     assert not d.allowed and 1.2 < d.retry_after_s <= 1.5
+
+
+def test_a_charged_request_is_counted_once_and_refused_past_the_budget(make):
+    async def go():
+        lim, _ = make()
+        b = budget(rpm=3)
+        first = rid()
+        assert (await lim.charge(b, first)).allowed
+        # its acquire does not count it again: two more requests fit, not one
+        assert (await lim.acquire(b, first, 5)).allowed
+        assert (await lim.charge(b, rid())).allowed
+        assert (await lim.acquire(b, rid(), 5)).allowed
+        refused = await lim.charge(b, rid())
+        after = await lim.acquire(b, rid(), 5)
+        await lim.close()
+        return refused, after
+
+    refused, after = asyncio.run(go())
+    assert not refused.allowed and refused.refused_by == REQUESTS
+    assert refused.retry_after_s > 0
+    assert not after.allowed and after.refused_by == REQUESTS

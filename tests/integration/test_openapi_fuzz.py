@@ -9,7 +9,7 @@ from tests.support.gateway import start_gateway
 
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_schema_conformance,negative_data_rejection,ignored_auth,"
-          "missing_required_header,unsupported_method")
+          "missing_required_header,unsupported_method,positive_data_acceptance")
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(backends, tmp_path: Path):
