@@ -423,15 +423,37 @@ def test_terraform_runs_init_then_the_command_in_the_terraform_dir(paths, tmp_pa
 # ---- status and wait-ssh -------------------------------------------------------------------------
 
 
-def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, capsys):
+# The one remote command `make status` runs, written out: the unit names are those the roles
+# install (Debian/Ubuntu's node exporter is prometheus-node-exporter.service).
+STATUS_COMMAND = (
+    "systemctl list-units --all --no-legend --plain --type=service nginx.service "
+    "gateway.service 'vllm@*.service' prometheus-node-exporter.service dcgm-exporter.service; "
+    "echo \"ready=$(curl -sk -o /dev/null -m 5 -w '%{http_code}' https://127.0.0.1/ready)\"")
+
+
+def strict_ssh(paths, tmp_path, command: str, answer: str) -> None:
+    """A fake ssh that answers only the exact remote command given (its last argument), as a
+    host would; any other command fails the way a remote error does."""
+    (tmp_path / "ssh-expected").write_text(command)
+    (tmp_path / "ssh-answer").write_text(textwrap.dedent(answer))
+    paths.tool("ssh", f"""\
+        for a in "$@"; do last="$a"; done
+        if [ "$last" = "$(cat {tmp_path / 'ssh-expected'})" ]; then
+            cat {tmp_path / 'ssh-answer'}
+        else
+            echo "unexpected remote command: $last" >&2; exit 1
+        fi
+        """)
+
+
+def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, capsys, tmp_path):
     paths.tool("terraform", "echo '{}'\n")
-    paths.tool("ssh", """\
-        cat <<'EOF'
+    strict_ssh(paths, tmp_path, STATUS_COMMAND, """\
         gateway.service loaded active running LLM gateway
         nginx.service loaded active running nginx
+        prometheus-node-exporter.service loaded active running Prometheus exporter
         vllm@text2sql.service loaded activating start vLLM text2sql
         ready=503
-        EOF
         """)
     made = make_hosts(aws, count=2)
     aws.client("ec2").stop_instances(InstanceIds=[made[1]["id"]])
@@ -444,6 +466,7 @@ def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, ca
     second = next(line for line in lines if line.startswith("llm-gpu-1"))
     assert "running" in first and "503" in first
     assert "gateway=active/running" in first and "vllm@text2sql=activating/start" in first
+    assert "prometheus-node-exporter=active/running" in first
     assert "stopped" in second and made[1]["ip"] in second and "gateway" not in second
 
 
@@ -555,3 +578,18 @@ def test_ansible_reads_the_written_inventory(paths):
     host = seen["_meta"]["hostvars"]["llm-gpu-0"]
     assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
     assert host["aws_instance_id"] == "i-0123456789abcdef0"
+
+
+def test_status_asks_for_the_units_the_roles_start():
+    """Each unit `make status` lists is one an Ansible role manages by that exact name."""
+    roles = Path(aws_ops.ROOT) / "ansible" / "roles"
+    managed = set()
+    for tasks in roles.glob("*/tasks/*.yml"):
+        for task in yaml.safe_load(tasks.read_text()) or []:
+            for module in ("ansible.builtin.systemd_service", "ansible.builtin.systemd"):
+                if isinstance(task.get(module), dict) and "name" in task[module]:
+                    managed.add(task[module]["name"])
+    assert "vllm@.service" in {p.name for p in (Path(aws_ops.ROOT) / "systemd").iterdir()} \
+        or "vllm@.service.j2" in {p.name for p in (Path(aws_ops.ROOT) / "systemd").iterdir()}
+    missing = [u for u in aws_ops.UNITS if "*" not in u and u not in managed]
+    assert not missing, f"no role manages {missing}"
