@@ -50,8 +50,8 @@ test-fast: deps-system venv ## unit + integration: the inner loop
 test: deps lint ## everything CI runs
 	$(PY) -m pytest tests
 
-plan-gpu: venv ## fit the declared models on one GPU (GPU=a10g|l4|a100-40|a100-80|h100|<GiB>)
-	@$(PY) -m stack.gpu_planner --gpu $(or $(GPU),a10g)
+plan-gpu: venv ## fit the declared models on one GPU (GPU=<instance type>|a10g|l4|...|<GiB>; default: terraform's instance_type)
+	@$(PY) -m stack.gpu_planner $(if $(GPU),--gpu $(GPU))
 
 bench-gateway: deps ## what the gateway adds over a direct call: latency and max rate
 	$(PY) -m tests.bench.gateway_bench

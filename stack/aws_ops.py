@@ -55,8 +55,10 @@ DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
 DEFAULT_INSTANCE_TYPE = "g5.xlarge"
 HOST_ROLE = "gpu-host"
-UNITS = ["nginx.service", "gateway.service", "vllm@*.service", "node_exporter.service",
-         "dcgm-exporter.service"]
+# the units `make status` shows; Debian/Ubuntu's node exporter unit is named after its package
+# (the node_exporter role installs prometheus-node-exporter)
+UNITS = ["nginx.service", "gateway.service", "vllm@*.service",
+         "prometheus-node-exporter.service", "dcgm-exporter.service"]
 # Service Quotas codes of the "Running On-Demand ... instances" vCPU limits
 QUOTA_CODES = {"g": ("L-DB2E81BA", "G and VT"), "p": ("L-417A185B", "P")}
 
@@ -104,18 +106,56 @@ class Deployment:
 
 # `key = "string"` or `key = 3` on one line; lists and maps are not needed here
 _TFVAR_SCALAR = re.compile(r'^\s*(\w+)\s*=\s*(?:"([^"]*)"|([\w.-]+))\s*(?:#.*)?$')
+_TFVAR_ANY = re.compile(r"^\s*(\w+)\s*=")
+
+
+def tfvars_files(tf_dir: Path = TF_DIR) -> list[Path]:
+    """The variable files Terraform loads by itself, in its order (a later file wins):
+    terraform.tfvars, terraform.tfvars.json, then every *.auto.tfvars(.json) by name."""
+    if not tf_dir.is_dir():
+        return []
+    fixed = [tf_dir / "terraform.tfvars", tf_dir / "terraform.tfvars.json"]
+    auto = sorted((p for p in tf_dir.iterdir()
+                   if p.name.endswith((".auto.tfvars", ".auto.tfvars.json")) and p.is_file()),
+                  key=lambda p: p.name)
+    return [p for p in fixed if p.exists()] + auto
+
+
+def _read_tfvars(path: Path) -> tuple[dict[str, str], set[str]]:
+    """(scalar settings, every name the file sets) of one variable file."""
+    if path.name.endswith(".json"):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError as e:
+            raise OpsError(f"{path}: not valid JSON ({e}): fix it (Terraform would refuse "
+                           "it too)") from None
+        scalars = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in doc.items()
+                   if isinstance(v, str | int | float | bool)}
+        return scalars, set(doc)
+    scalars, names = {}, set()
+    for line in path.read_text().splitlines():
+        if m := _TFVAR_SCALAR.match(line):
+            scalars[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+        if m := _TFVAR_ANY.match(line):
+            names.add(m.group(1))
+    return scalars, names
 
 
 def tfvars(tf_dir: Path = TF_DIR) -> dict[str, str]:
-    """The scalar settings of terraform.tfvars (region, name, instance_type, host_count)."""
-    path = tf_dir / "terraform.tfvars"
-    if not path.exists():
-        return {}
-    found = {}
-    for line in path.read_text().splitlines():
-        if m := _TFVAR_SCALAR.match(line):
-            found[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+    """The scalar settings (region, name, instance_type, host_count) of the variable files
+    Terraform loads, merged the way it merges them."""
+    found: dict[str, str] = {}
+    for path in tfvars_files(tf_dir):
+        found.update(_read_tfvars(path)[0])
     return found
+
+
+def tfvars_names(tf_dir: Path = TF_DIR) -> set[str]:
+    """Every variable the files set, lists and maps included."""
+    names: set[str] = set()
+    for path in tfvars_files(tf_dir):
+        names |= _read_tfvars(path)[1]
+    return names
 
 
 def setting(key: str, default: str, outputs: dict | None = None, tf_dir: Path = TF_DIR) -> str:
@@ -205,10 +245,23 @@ def quota_code(instance_type: str) -> tuple[str, str]:
     return QUOTA_CODES["p" if instance_type.startswith("p") else "g"]
 
 
-def quota_hint(region: str, instance_type: str, have: float | None, need: int | None) -> str:
+def same_quota(instance_type: str, other: str) -> bool:
+    """Whether `other` counts against the same vCPU quota: G and VT types share one, P another."""
+    def group(t: str) -> str | None:
+        family = t.split(".", 1)[0]
+        if family.startswith("vt") or family.startswith("g"):
+            return "g"
+        return "p" if family.startswith("p") else None
+    return group(instance_type) is not None and group(instance_type) == group(other)
+
+
+def quota_hint(region: str, instance_type: str, have: float | None, need: int | None,
+               in_use: int = 0) -> str:
     code, family = quota_code(instance_type)
-    wanted = max(need or 0, 8)
-    now = f"it allows {have:g} vCPUs, the {instance_type} hosts need {need}; " if need else ""
+    wanted = max((need or 0) + in_use, 8)
+    used = f", {in_use} of them taken by other running {family} instances" if in_use else ""
+    now = (f"it allows {have:g} vCPUs{used}, the {instance_type} hosts need {need}; "
+           if need else "")
     return (f"{now}request more under Service Quotas > EC2 > 'Running On-Demand {family} "
             f"instances' ({code}) in {region}, or run `aws service-quotas "
             f"request-service-quota-increase --service-code ec2 --quota-code {code} "
@@ -235,6 +288,29 @@ def explain_client_error(err: ClientError, region: str = "", instance_type: str 
     if code in {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException"}:
         return f"the AWS identity may not call {op}: grant it (see docs/aws.md, prerequisites)"
     return f"AWS {op} failed: {code}: {message}"
+
+
+def vcpus_in_use(session: boto3.Session, instance_type: str, name: str) -> int:
+    """vCPUs of the running (or starting) instances that count against the same quota as
+    instance_type, apart from this deployment's own hosts (Terraform keeps those)."""
+    ec2 = session.client("ec2")
+    counted: list[str] = []
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": "instance-state-name", "Values": ["pending", "running"]}]):
+        for reservation in page["Reservations"]:
+            for inst in reservation["Instances"]:
+                tags = _tags(inst)
+                ours = tags.get("Project") == name and tags.get("Role") == HOST_ROLE
+                if not ours and same_quota(instance_type, inst["InstanceType"]):
+                    counted.append(inst["InstanceType"])
+    if not counted:
+        return 0
+    kinds = sorted(set(counted))
+    per_type = {}
+    for i in range(0, len(kinds), 100):
+        for t in ec2.describe_instance_types(InstanceTypes=kinds[i:i + 100])["InstanceTypes"]:
+            per_type[t["InstanceType"]] = t["VCpuInfo"]["DefaultVCpus"]
+    return sum(per_type[t] for t in counted)
 
 
 def find_instances(session: boto3.Session, name: str,
@@ -392,11 +468,16 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     ] if shutil.which(tool) is None]
     if missing:
         raise OpsError(missing[0])
-    from_env = all(f"TF_VAR_{v}" in os.environ for v in ("admin_cidrs", "ssh_public_key"))
-    if not (args.tf_dir / "terraform.tfvars").exists() and not from_env:
+    required = ("admin_cidrs", "ssh_public_key")
+    have_vars = tfvars_names(args.tf_dir) | {v for v in required if f"TF_VAR_{v}" in os.environ}
+    if not tfvars_files(args.tf_dir) and not all(v in have_vars for v in required):
         raise OpsError("terraform/terraform.tfvars is missing: copy terraform/terraform.tfvars."
                        "example and set admin_cidrs (your address) and ssh_public_key")
-    region, _ = _region_name(args)
+    unset = [v for v in required if v not in have_vars]
+    if unset:
+        raise OpsError(f"{' and '.join(unset)} not set: add them to terraform/terraform.tfvars "
+                       "(see terraform.tfvars.example), a *.auto.tfvars file or TF_VAR_<name>")
+    region, name = _region_name(args)
     instance_type = args.instance_type or setting("instance_type", DEFAULT_INSTANCE_TYPE,
                                                   tf_dir=args.tf_dir)
     configured = setting("host_count", "1", tf_dir=args.tf_dir)
@@ -406,10 +487,16 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     print(f">> AWS account {who['Account']} as {who['Arn']}, region {region}")
 
     ec2 = session.client("ec2")
-    zones = sorted(o["Location"] for o in ec2.describe_instance_type_offerings(
+    offered = {o["Location"] for o in ec2.describe_instance_type_offerings(
         LocationType="availability-zone",
         Filters=[{"Name": "instance-type", "Values": [instance_type]}],
-    )["InstanceTypeOfferings"])
+    )["InstanceTypeOfferings"]}
+    # the region's own zones, as Terraform picks them: Local and Wavelength Zones do not count
+    regular = {z["ZoneName"] for z in ec2.describe_availability_zones(Filters=[
+        {"Name": "opt-in-status", "Values": ["opt-in-not-required"]},
+        {"Name": "zone-type", "Values": ["availability-zone"]},
+    ])["AvailabilityZones"]}
+    zones = sorted(offered & regular)
     if not zones:
         raise OpsError(f"region {region} does not offer {instance_type}: set `region` in "
                        "terraform/terraform.tfvars to one that does (us-east-1, us-west-2, "
@@ -423,6 +510,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     vcpus = ec2.describe_instance_types(InstanceTypes=[instance_type])[
         "InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"]
     need = vcpus * count
+    in_use = vcpus_in_use(session, instance_type, name)
     code, family = quota_code(instance_type)
     try:
         have = session.client("service-quotas").get_service_quota(
@@ -430,12 +518,14 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     except ClientError as e:
         # reading quotas needs servicequotas:GetServiceQuota; without it, apply will tell
         print(f">> vCPU quota not readable ({e.response['Error']['Code']}); "
-              f"{count} x {instance_type} needs {need} vCPUs of '{family}' instances")
+              f"{count} x {instance_type} needs {need} vCPUs of '{family}' instances"
+              + (f", and other running ones take {in_use}" if in_use else ""))
         return 0
-    if have < need:
+    if have - in_use < need:
         raise OpsError("the account's vCPU quota for GPU instances is too low: "
-                       + quota_hint(region, instance_type, have, need))
-    print(f">> vCPU quota for {family} instances: {have:g}, this deployment needs {need}")
+                       + quota_hint(region, instance_type, have, need, in_use))
+    print(f">> vCPU quota for {family} instances: {have:g}, other running instances take "
+          f"{in_use}, this deployment needs {need}")
     return 0
 
 

@@ -1,7 +1,12 @@
 """GPU memory planner: --gpu-memory-utilization for each model sharing one GPU, computed from
 the models' architectures instead of guessed.
 
-    python -m stack.gpu_planner [--gpu a10g|l4|a100-40|a100-80|h100|<GiB>] [--models-dir DIR]
+    python -m stack.gpu_planner [--gpu g5.xlarge|a10g|l4|...|<GiB>] [--models-dir DIR]
+
+--gpu takes an EC2 instance type (the GPU kind and count follow from it), a GPU kind, or a size
+in GiB; without it, the instance_type Terraform deploys (terraform.tfvars, TF_VAR_instance_type,
+else g5.xlarge). Sizes are what the cards report (nvidia-smi's memory.total, the total vLLM
+takes each share of), not the marketing figure: an A10G sold as 24 GB reports 23,028 MiB.
 
 vLLM's rules it follows:
 - each instance's --gpu-memory-utilization is a share of the WHOLE GPU, and an instance refuses
@@ -28,7 +33,79 @@ from pathlib import Path
 from stack import declaration
 
 GIB = 1024**3
-GPUS_GIB = {"a10g": 24.0, "l4": 24.0, "a100-40": 40.0, "a100-80": 80.0, "h100": 80.0}
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str  # as nvidia-smi names it
+    mib: int  # memory.total as nvidia-smi reports it, in MiB
+
+    @property
+    def gib(self) -> float:
+        return self.mib / 1024
+
+
+# memory.total reported by the driver (the figure vLLM sizes --gpu-memory-utilization from),
+# each from an nvidia-smi output quoted in a public issue:
+GPUS = {
+    # g4dn: NVIDIA "16 GB"; 15360MiB on a g4dn.xlarge (zylon-ai/private-gpt#1173)
+    "t4": Gpu("Tesla T4", 15360),
+    # g5: "24 GB"; 23028MiB on an A10G, driver 535 (NVIDIA/DCGM#232)
+    "a10g": Gpu("NVIDIA A10G", 23028),
+    # g6: "24 GB"; 23034MiB (nvidia-smi totals listed in modal-labs/modal-client#2797)
+    "l4": Gpu("NVIDIA L4", 23034),
+    # g6e: "48 GB"; 46068 MiB, driver 595 (akash-network/provider-configs#99)
+    "l40s": Gpu("NVIDIA L40S", 46068),
+    # p4d: "40 GB"; 40960MiB on A100-SXM4-40GB, driver 580 (bottlerocket-core-kit#834)
+    "a100-40": Gpu("NVIDIA A100-SXM4-40GB", 40960),
+    # p4de (not deployable here): 81920MiB (modal-labs/modal-client#2797)
+    "a100-80": Gpu("NVIDIA A100 80GB", 81920),
+    # p5: "80 GB"; 81559MiB on H100 80GB HBM3, driver 550 (NVIDIA/nccl#1264)
+    "h100": Gpu("NVIDIA H100 80GB HBM3", 81559),
+}
+GPUS_GIB = {k: g.gib for k, g in GPUS.items()}
+
+# GPU kind and count of each EC2 instance type that terraform/variables.tf accepts
+# (^(g4dn|g5|g6|g6e|p4d|p5)\.…), from AWS's accelerated-computing instance tables.
+_ONE = {s: 1 for s in ("xlarge", "2xlarge", "4xlarge", "8xlarge", "16xlarge")}
+INSTANCE_GPUS = {
+    "g4dn": ("t4", {**_ONE, "12xlarge": 4, "metal": 8}),
+    "g5": ("a10g", {**_ONE, "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
+    "g6": ("l4", {**_ONE, "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
+    "g6e": ("l40s", {**_ONE, "12xlarge": 4, "24xlarge": 4, "48xlarge": 8}),
+    "p4d": ("a100-40", {"24xlarge": 8}),
+    "p5": ("h100", {"48xlarge": 8}),
+}
+DEFAULT_INSTANCE_TYPE = "g5.xlarge"
+
+
+def instance_gpus(instance_type: str) -> tuple[str, int]:
+    """(GPU kind, GPUs per instance) of an EC2 instance type, e.g. g5.12xlarge -> (a10g, 4)."""
+    family, _, size = instance_type.lower().partition(".")
+    if family not in INSTANCE_GPUS:
+        raise ValueError(
+            f"instance type {instance_type!r}: no GPU known for family {family!r}; "
+            f"use one of {', '.join(INSTANCE_GPUS)} (terraform/variables.tf allows these), "
+            f"or pass --gpu <kind> (one of {', '.join(GPUS)}) or a size in GiB")
+    kind, sizes = INSTANCE_GPUS[family]
+    if size not in sizes:
+        raise ValueError(
+            f"instance type {instance_type!r}: {family} comes in "
+            f"{', '.join(f'{family}.{s}' for s in sizes)}; fix instance_type, or pass --gpu "
+            f"{kind}")
+    return kind, sizes[size]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the planner fits the models on: one GPU of this size (each vLLM instance runs on
+    one GPU; the others of a multi-GPU instance are listed, not planned)."""
+
+    label: str
+    gib: float
+    count: int = 1
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "F32": 4, "F16": 2,
                "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
 BLOCK_SIZE = 16
@@ -178,7 +255,7 @@ def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path |
         short = need_min - free
         worst = max(auto or plans, key=lambda p: p.weights_gib + want_kv[p.name][0])
         raise PlanError(
-            f"the models do not fit on a {gpu_gib:g} GiB GPU: {short:.2f} GiB short "
+            f"the models do not fit on a {gpu_gib:.4g} GiB GPU: {short:.2f} GiB short "
             f"(weights and overheads {fixed:.2f} GiB, one full-context sequence each "
             f"{need_min:.2f} GiB, usable {budget:.2f} GiB). Lower max_model_len or "
             f"max_num_seqs, use a smaller or quantized model (largest: {worst.name}, "
@@ -220,40 +297,79 @@ def table(plans: list[ModelPlan], gpu_gib: float) -> str:
                      str(p.kv_tokens), str(p.full_context_seqs),
                      f"{p.fraction:.3f}" + (" (declared)" if p.explicit else "")))
     total = sum(p.fraction for p in plans)
-    rows.append(("total", "", "", "", "", "", f"{total:.3f} of {gpu_gib:g} GiB"))
+    rows.append(("total", "", "", "", "", "", f"{total:.3f} of {gpu_gib:.4g} GiB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
 
 
-def gpu_size(value: str) -> float:
-    key = value.lower()
-    if key in GPUS_GIB:
-        return GPUS_GIB[key]
+def gpu_target(value: str) -> Target:
+    """An EC2 instance type (g5.xlarge), a GPU kind (a10g) or a size in GiB (22.5)."""
+    key = value.strip().lower()
     try:
-        return float(key.removesuffix("gib"))
+        gib = float(key.removesuffix("gib"))
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"unknown GPU {value!r}: one of {', '.join(GPUS_GIB)} or a size in GiB") from None
+        pass
+    else:
+        if gib <= 0:
+            raise argparse.ArgumentTypeError(f"GPU size {value!r}: must be above 0 GiB")
+        return Target(f"{gib:g} GiB", gib)
+    if "." in key:
+        try:
+            kind, count = instance_gpus(key)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        g = GPUS[kind]
+        return Target(f"{key}: {count} x {g.name}, {g.mib} MiB each", g.gib, count)
+    if key in GPUS:
+        g = GPUS[key]
+        return Target(f"{g.name}, {g.mib} MiB", g.gib)
+    raise argparse.ArgumentTypeError(
+        f"unknown GPU {value!r}: an EC2 instance type (g5.xlarge, g6.12xlarge ...), one of "
+        f"{', '.join(GPUS)}, or a size in GiB")
+
+
+def gpu_size(value: str) -> float:
+    """GiB each GPU reports, for an instance type, a GPU kind or a number."""
+    return gpu_target(value).gib
+
+
+def default_gpu(tf_dir: Path | None = None) -> str:
+    """The instance type Terraform deploys: terraform.tfvars, TF_VAR_instance_type, default."""
+    from stack import aws_ops  # boto3 is only needed for the AWS verbs, not to read settings
+
+    return aws_ops.setting("instance_type", DEFAULT_INSTANCE_TYPE,
+                           tf_dir=tf_dir or aws_ops.TF_DIR)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stack.gpu_planner",
                                  description="Fit the declared models on one GPU.")
-    ap.add_argument("--gpu", type=gpu_size, default="a10g", help="GPU kind or size in GiB")
+    ap.add_argument("--gpu", type=gpu_target,
+                    help="EC2 instance type, GPU kind or size in GiB (default: the "
+                         "instance_type Terraform deploys)")
     ap.add_argument("--models-dir", type=Path, help="downloaded models (<dir>/<name>)")
     ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
     ap.add_argument("--json", action="store_true", help="{name: gpu_memory_utilization}")
+    ap.add_argument("--tf-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.gpu is None:
+        try:
+            args.gpu = gpu_target(default_gpu(args.tf_dir))
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"instance_type from the Terraform settings: {e}")
     try:
-        plans = plan(declaration.load(), args.gpu, args.models_dir, args.margin)
+        plans = plan(declaration.load(), args.gpu.gib, args.models_dir, args.margin)
     except (PlanError, declaration.DeclarationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({p.name: p.fraction for p in plans}))
     else:
-        print(table(plans, args.gpu))
+        print(f"GPU: {args.gpu.label}; shares are of one GPU's reported memory")
+        if args.gpu.count > 1:
+            print(f"note: every model runs on GPU 0; the other {args.gpu.count - 1} stay idle")
+        print(table(plans, args.gpu.gib))
     return 0
 
 

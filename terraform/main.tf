@@ -12,8 +12,34 @@ provider "aws" {
 locals {
   # more than one host: clients need one address, and /ready health checks take a host out
   create_load_balancer = var.host_count > 1
-  # the two first zones that offer the instance type (not every zone has every GPU type)
-  availability_zones = slice(sort(data.aws_ec2_instance_type_offerings.gpu.locations), 0, 2)
+  # the two first regular zones that offer the instance type (not every zone has every GPU
+  # type); Local and Wavelength Zones may offer it too, but lack services the stack uses
+  gpu_zones          = sort(setintersection(data.aws_ec2_instance_type_offerings.gpu.locations, data.aws_availability_zones.regular.names))
+  availability_zones = slice(local.gpu_zones, 0, 2)
+}
+
+# The region's own availability zones: no Local Zones (us-east-1-bos-1a ...) or Wavelength Zones,
+# which are opt-in and would otherwise sort first
+data "aws_availability_zones" "regular" {
+  #checkov:skip=CKV_AWS_394:only narrows the offerings to regular zones; the network takes the first two by name, and a zone AWS adds gets a later letter, so the choice does not move
+  state = "available"
+
+  filter {
+    name   = "opt-in-status"
+    values = ["opt-in-not-required"]
+  }
+
+  filter {
+    name   = "zone-type"
+    values = ["availability-zone"]
+  }
+
+  lifecycle {
+    postcondition {
+      condition     = length(setintersection(self.names, data.aws_ec2_instance_type_offerings.gpu.locations)) >= 2
+      error_message = "Region ${var.region} offers ${var.instance_type} in fewer than two of its regular availability zones (Local and Wavelength Zones do not count); two are needed. Choose a region that has it in two or more zones, such as us-east-1, us-west-2 or eu-west-1."
+    }
+  }
 }
 
 data "aws_ec2_instance_type_offerings" "gpu" {

@@ -143,7 +143,75 @@ run "a_pinned_ami_skips_the_lookup" {
   }
 
   assert {
-    condition     = length(data.aws_ami.this) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
+    condition     = length(data.aws_ami.this) == 0 && length(data.aws_ssm_parameter.ubuntu_ami) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
     error_message = "ami_id must be used as given, without looking up the newest image"
+  }
+}
+
+run "ubuntu_comes_from_canonicals_ssm_parameter" {
+  command   = plan
+  state_key = "ssm"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  override_data {
+    target = data.aws_ssm_parameter.ubuntu_ami
+    values = { insecure_value = "ami-0c0ffee0c0ffee000", type = "String" }
+  }
+
+  assert {
+    condition     = data.aws_ssm_parameter.ubuntu_ami[0].name == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    error_message = "the default image is the one Canonical's SSM parameter names for 24.04 (gp3, amd64)"
+  }
+  assert {
+    condition     = length(data.aws_ami.this) == 0 && aws_instance.this[0].ami == "ami-0c0ffee0c0ffee000"
+    error_message = "the host must boot the image the parameter holds, with no name search"
+  }
+}
+
+run "ubuntu_22_04_uses_its_gp2_parameter" {
+  command   = plan
+  state_key = "ssm-jammy"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    ami_flavor = "ubuntu-22.04"
+  }
+
+  assert {
+    condition     = data.aws_ssm_parameter.ubuntu_ami[0].name == "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
+    error_message = "22.04 images are published under ebs-gp2"
+  }
+}
+
+run "deep_learning_amis_are_found_by_name_in_amazons_account" {
+  command   = plan
+  state_key = "dlami"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    ami_flavor = "dlami-ubuntu-24.04"
+  }
+
+  override_data {
+    target = data.aws_ami.this
+    values = { id = "ami-0d1a0d1a0d1a0d1a0" }
+  }
+
+  assert {
+    condition     = length(data.aws_ssm_parameter.ubuntu_ami) == 0 && one(data.aws_ami.this[0].owners) == "amazon"
+    error_message = "a Deep Learning AMI comes from Amazon's account, not from an Ubuntu parameter"
+  }
+  assert {
+    condition     = aws_instance.this[0].ami == "ami-0d1a0d1a0d1a0d1a0"
+    error_message = "the host must boot the Deep Learning AMI found"
   }
 }

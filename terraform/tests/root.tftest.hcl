@@ -89,3 +89,30 @@ run "three_hosts_with_an_existing_certificate" {
     error_message = "an existing certificate without a zone: load balancer, no Route53 record"
   }
 }
+
+run "local_zones_are_never_picked" {
+  command = plan
+
+  # a Local Zone offering the type sorts before the region's own zones
+  override_data {
+    target = data.aws_ec2_instance_type_offerings.gpu
+    values = { locations = ["us-east-1-bos-1a", "us-east-1b", "us-east-1-mia-1a", "us-east-1a"] }
+  }
+  override_data {
+    target = data.aws_availability_zones.regular
+    values = { names = ["us-east-1a", "us-east-1b", "us-east-1c"] }
+  }
+
+  assert {
+    condition     = module.network.availability_zones == ["us-east-1a", "us-east-1b"]
+    error_message = "the network must use the region's regular zones, never a Local Zone"
+  }
+  assert {
+    condition = (
+      contains(data.aws_availability_zones.regular.filter[*].name, "opt-in-status") &&
+      contains(flatten(data.aws_availability_zones.regular.filter[*].values), "opt-in-not-required")
+    )
+    error_message = "the zone lookup must ask AWS for zones that need no opt-in"
+  }
+}
+

@@ -154,3 +154,17 @@ run "a_region_without_the_gpu_type_in_two_zones_is_refused" {
   }
   expect_failures = [data.aws_ec2_instance_type_offerings.gpu]
 }
+
+run "gpu_type_only_in_local_zones_besides_one_regular_zone_is_refused" {
+  command = plan
+  override_data {
+    target = data.aws_ec2_instance_type_offerings.gpu
+    values = { locations = ["us-east-1-bos-1a", "us-east-1-mia-1a", "us-east-1a"] }
+  }
+  override_data {
+    target = data.aws_availability_zones.regular
+    values = { names = ["us-east-1a", "us-east-1b"] }
+  }
+  expect_failures = [data.aws_availability_zones.regular]
+}
+

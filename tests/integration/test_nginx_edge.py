@@ -2,6 +2,7 @@
 TLS, streams passed on event by event, the edge's own errors in OpenAI form."""
 
 import shutil
+import socket
 import ssl
 import subprocess
 import time
@@ -14,20 +15,19 @@ from stack.render import render, resolve, role_defaults, write
 from tests.support.procs import Proc, free_port
 
 
-@pytest.fixture(scope="module")
-def edge(gateway, tmp_path_factory):
+def start_edge(tmp, upstream_port: int | str, **overrides):
+    """A real nginx serving the shared site template in front of `upstream_port`."""
     if shutil.which("nginx") is None:
         pytest.fail("nginx is missing: run `make deps` (Debian package nginx)")
-    tmp = tmp_path_factory.mktemp("edge")
     local.ensure_tls(tmp / "tls")
     port = free_port()
-    v = resolve({**role_defaults("nginx"), "nginx_upstream_port": gateway.url.rsplit(":", 1)[1],
+    v = resolve({**role_defaults("nginx"), "nginx_upstream_port": upstream_port,
                  "nginx_https_port": port, "nginx_listen_ipv6": False,
                  "nginx_server_name": "localhost", "nginx_cert_file": str(tmp / "tls/server.crt"),
                  "nginx_key_file": str(tmp / "tls/server.key"),
                  "nginx_access_log": str(tmp / "access.log"),
                  "nginx_error_log": str(tmp / "error.log"), "nginx_rate_per_ip": "5r/s",
-                 "nginx_burst": 5, "nginx_client_max_body_size": "1m"})
+                 "nginx_burst": 5, "nginx_client_max_body_size": "1m", **overrides})
     site = tmp / "llm-api.conf"
     write(site, render("ansible/roles/nginx/templates/llm-api.conf.j2", v))
     main = tmp / "nginx.conf"
@@ -38,17 +38,55 @@ def edge(gateway, tmp_path_factory):
     assert check.returncode == 0, check.stderr
     proc = Proc("nginx", ["nginx", "-c", str(main), "-p", str(tmp), "-e", str(tmp / "error.log"),
                           "-g", "daemon off;"], tmp / "nginx.out")
-    url = f"https://localhost:{port}"
     ctx = ssl.create_default_context(cafile=str(tmp / "tls/ca.crt"))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            httpx.get(url + "/health", verify=ctx)
-            break
-        except httpx.TransportError:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
             time.sleep(0.1)
-    yield url, ctx, tmp
+    return proc, port, ctx
+
+
+@pytest.fixture(scope="module")
+def edge(gateway, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("edge")
+    proc, port, ctx = start_edge(tmp, gateway.url.rsplit(":", 1)[1])
+    yield f"https://localhost:{port}", ctx, tmp
     proc.stop()
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None, type_: str) -> dict:
+    """nginx's own error, in the exact shape the gateway and OpenAI use."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json", r.headers
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] is None
+    assert body["error"]["code"] == code and body["error"]["type"] == type_
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def raw_tls_exchange(port: int, ctx: ssl.SSLContext, request: bytes) -> httpx.Response:
+    """Send bytes no HTTP client would send; parse nginx's answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock, \
+            ctx.wrap_socket(sock, server_hostname="localhost") as tls:
+        tls.sendall(request)
+        return parse_response(tls)
+
+
+def parse_response(sock) -> httpx.Response:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = [tuple(x.split(": ", 1)) for x in lines[1:]]
+    return httpx.Response(status, headers=headers, content=body)
 
 
 def test_streams_pass_through_nginx_event_by_event(edge, gateway):
@@ -69,16 +107,61 @@ def test_streams_pass_through_nginx_event_by_event(edge, gateway):
 def test_edge_answers_its_own_errors_in_openai_form(edge, gateway):
     url, ctx, _ = edge
     with httpx.Client(base_url=url, verify=ctx) as c:
-        r = c.get("/metrics")
-        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        assert_openai_error(c.get("/metrics"), 404, None, "not_found_error")
         big = c.post("/v1/completions", content=b"x" * (2 * 1024 * 1024),
                      headers=gateway.auth())
-        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        err = assert_openai_error(big, 413, "request_too_large", "invalid_request_error")
+        assert "1m" in err["message"]  # names the limit the client ran into
+        long_uri = c.get("/v1/models?" + "q" * 9000, headers=gateway.auth())
+        assert_openai_error(long_uri, 414, "uri_too_long", "invalid_request_error")
+        huge_header = c.get("/v1/models", headers={**gateway.auth(), "x-big": "h" * 9000})
+        assert_openai_error(huge_header, 400, "bad_request", "invalid_request_error")
         codes = [c.get("/v1/models", headers=gateway.auth()).status_code for _ in range(30)]
         assert 429 in codes  # 5 r/s with a burst of 5 at the edge
         limited = next(x for x in (c.get("/v1/models", headers=gateway.auth())
                                    for _ in range(10)) if x.status_code == 429)
-        assert limited.json()["error"]["code"] == "edge_rate_limited"
+        assert_openai_error(limited, 429, "edge_rate_limited", "rate_limit_error")
+        assert limited.headers["retry-after"] == "1"
+        assert limited.headers["strict-transport-security"].startswith("max-age=")
+
+
+def test_edge_answers_malformed_requests_in_openai_form(edge):
+    url, ctx, _ = edge
+    port = int(url.rsplit(":", 1)[1])
+    garbage = raw_tls_exchange(port, ctx, b"NOT A REQUEST\r\n\r\n")
+    assert_openai_error(garbage, 400, "bad_request", "invalid_request_error")
+    # plain HTTP sent to the HTTPS port (nginx's 497)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        plain = parse_response(sock)
+    assert_openai_error(plain, 400, "bad_request", "invalid_request_error")
+
+
+def test_edge_answers_502_in_openai_form_when_the_gateway_is_down(tmp_path):
+    nothing_listens = free_port()
+    proc, port, ctx = start_edge(tmp_path, nothing_listens)
+    try:
+        r = httpx.get(f"https://localhost:{port}/v1/models", verify=ctx, timeout=10)
+        assert_openai_error(r, 502, "gateway_unavailable", "service_unavailable")
+        assert r.headers["retry-after"] == "5"
+        ready = httpx.get(f"https://localhost:{port}/ready", verify=ctx, timeout=10)
+        assert_openai_error(ready, 502, "gateway_unavailable", "service_unavailable")
+    finally:
+        proc.stop()
+
+
+def test_edge_answers_504_in_openai_form_when_the_gateway_hangs(tmp_path):
+    # a gateway that takes connections (the kernel completes them) and never answers
+    with socket.socket() as stalled:
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen(8)
+        proc, port, ctx = start_edge(tmp_path, stalled.getsockname()[1],
+                                     nginx_read_timeout_s=1)
+        try:
+            r = httpx.get(f"https://localhost:{port}/v1/models", verify=ctx, timeout=10)
+            assert_openai_error(r, 504, "gateway_timeout", "timeout_error")
+        finally:
+            proc.stop()
 
 
 def test_request_id_passes_through_and_the_access_log_is_json(edge, gateway):

@@ -345,6 +345,72 @@ def test_preflight_refuses_a_quota_below_the_hosts(tools, aws, monkeypatch, caps
     assert "allows 4 vCPUs, the g5.xlarge hosts need 12" in err and "L-DB2E81BA" in err
 
 
+def test_preflight_reads_auto_tfvars_as_terraform_does(tools, aws, monkeypatch, capsys):
+    # Terraform: terraform.tfvars, then *.auto.tfvars by name, each later file winning; the
+    # environment only fills what no file sets
+    (tools.tf / "terraform.tfvars").write_text('instance_type = "g5.xlarge"\nhost_count = 1\n')
+    (tools.tf / "a.auto.tfvars").write_text(TFVARS + 'instance_type = "g6.xlarge"\n')
+    (tools.tf / "zz.auto.tfvars.json").write_text('{"instance_type": "g5.2xlarge", '
+                                                   '"host_count": 2}')
+    monkeypatch.setenv("TF_VAR_instance_type", "g4dn.xlarge")
+    inject(aws, "service-quotas", "GetServiceQuota",
+           {"Quota": {"QuotaCode": "L-DB2E81BA", "Value": 12.0}})
+    use_session(monkeypatch, aws)
+
+    assert tools.run("preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    # two g5.2xlarge hosts of 8 vCPUs each
+    assert "allows 12 vCPUs, the g5.2xlarge hosts need 16" in err
+
+
+def test_preflight_takes_the_keys_from_an_auto_tfvars_file(tools, aws, monkeypatch, capsys):
+    (tools.tf / "terraform.tfvars").unlink()
+    (tools.tf / "secrets.auto.tfvars").write_text(TFVARS)
+    use_session(monkeypatch, aws)
+    assert tools.run("preflight") == 0
+    (tools.tf / "secrets.auto.tfvars").write_text('admin_cidrs = ["203.0.113.7/32"]\n')
+    assert tools.run("preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "ssh_public_key not set" in err and "auto.tfvars" in err
+
+
+def test_preflight_subtracts_the_g_instances_already_running(tools, aws, monkeypatch, capsys):
+    ec2 = aws.client("ec2")
+    # another team's g5.xlarge (4 vCPUs) and a CPU instance, which the G quota does not count
+    for kind in ("g5.xlarge", "m5.large"):
+        ec2.run_instances(ImageId=AMI, InstanceType=kind, MinCount=1, MaxCount=1)
+    make_hosts(aws, count=1)  # this deployment's own host: Terraform keeps it, no new vCPUs
+    inject(aws, "service-quotas", "GetServiceQuota",
+           {"Quota": {"QuotaCode": "L-DB2E81BA", "Value": 8.0}})
+    use_session(monkeypatch, aws)
+
+    assert tools.run("preflight", "--count", "1") == 0
+    assert "other running instances take 4, this deployment needs 4" in capsys.readouterr().out
+
+    assert tools.run("preflight", "--count", "2") == 2
+    err = one_error_line(capsys.readouterr())
+    assert ("allows 8 vCPUs, 4 of them taken by other running G and VT instances, the "
+            "g5.xlarge hosts need 8") in err
+    assert "--desired-value 12" in err
+
+
+def test_preflight_does_not_count_local_zones(tools, aws, monkeypatch, capsys):
+    # moto offers g5.xlarge in us-east-1a ... f; say the region's regular zones (what AWS
+    # answers with the opt-in-not-required filter) are only us-east-1a: Local Zones that offer
+    # the type must not make up the second zone
+    asked = []
+    aws.events.register("before-parameter-build.ec2.DescribeAvailabilityZones",
+                        lambda params, **_: asked.append(dict(params)))
+    inject(aws, "ec2", "DescribeAvailabilityZones", {"AvailabilityZones": [
+        {"ZoneName": "us-east-1a", "ZoneType": "availability-zone", "State": "available"}]})
+    use_session(monkeypatch, aws)
+    assert tools.run("preflight") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "offers g5.xlarge in one zone only (us-east-1a)" in err
+    filters = {f["Name"]: f["Values"] for f in asked[0]["Filters"]}
+    assert filters["opt-in-status"] == ["opt-in-not-required"]
+
+
 def test_missing_aws_credentials_is_one_clear_line(tools, capsys):
     # no moto: botocore looks for credentials, finds none and must not reach the network
     assert tools.run("preflight") == 2
@@ -423,15 +489,37 @@ def test_terraform_runs_init_then_the_command_in_the_terraform_dir(paths, tmp_pa
 # ---- status and wait-ssh -------------------------------------------------------------------------
 
 
-def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, capsys):
+# The one remote command `make status` runs, written out: the unit names are those the roles
+# install (Debian/Ubuntu's node exporter is prometheus-node-exporter.service).
+STATUS_COMMAND = (
+    "systemctl list-units --all --no-legend --plain --type=service nginx.service "
+    "gateway.service 'vllm@*.service' prometheus-node-exporter.service dcgm-exporter.service; "
+    "echo \"ready=$(curl -sk -o /dev/null -m 5 -w '%{http_code}' https://127.0.0.1/ready)\"")
+
+
+def strict_ssh(paths, tmp_path, command: str, answer: str) -> None:
+    """A fake ssh that answers only the exact remote command given (its last argument), as a
+    host would; any other command fails the way a remote error does."""
+    (tmp_path / "ssh-expected").write_text(command)
+    (tmp_path / "ssh-answer").write_text(textwrap.dedent(answer))
+    paths.tool("ssh", f"""\
+        for a in "$@"; do last="$a"; done
+        if [ "$last" = "$(cat {tmp_path / 'ssh-expected'})" ]; then
+            cat {tmp_path / 'ssh-answer'}
+        else
+            echo "unexpected remote command: $last" >&2; exit 1
+        fi
+        """)
+
+
+def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, capsys, tmp_path):
     paths.tool("terraform", "echo '{}'\n")
-    paths.tool("ssh", """\
-        cat <<'EOF'
+    strict_ssh(paths, tmp_path, STATUS_COMMAND, """\
         gateway.service loaded active running LLM gateway
         nginx.service loaded active running nginx
+        prometheus-node-exporter.service loaded active running Prometheus exporter
         vllm@text2sql.service loaded activating start vLLM text2sql
         ready=503
-        EOF
         """)
     made = make_hosts(aws, count=2)
     aws.client("ec2").stop_instances(InstanceIds=[made[1]["id"]])
@@ -444,6 +532,7 @@ def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, ca
     second = next(line for line in lines if line.startswith("llm-gpu-1"))
     assert "running" in first and "503" in first
     assert "gateway=active/running" in first and "vllm@text2sql=activating/start" in first
+    assert "prometheus-node-exporter=active/running" in first
     assert "stopped" in second and made[1]["ip"] in second and "gateway" not in second
 
 
@@ -555,3 +644,18 @@ def test_ansible_reads_the_written_inventory(paths):
     host = seen["_meta"]["hostvars"]["llm-gpu-0"]
     assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
     assert host["aws_instance_id"] == "i-0123456789abcdef0"
+
+
+def test_status_asks_for_the_units_the_roles_start():
+    """Each unit `make status` lists is one an Ansible role manages by that exact name."""
+    roles = Path(aws_ops.ROOT) / "ansible" / "roles"
+    managed = set()
+    for tasks in roles.glob("*/tasks/*.yml"):
+        for task in yaml.safe_load(tasks.read_text()) or []:
+            for module in ("ansible.builtin.systemd_service", "ansible.builtin.systemd"):
+                if isinstance(task.get(module), dict) and "name" in task[module]:
+                    managed.add(task[module]["name"])
+    assert "vllm@.service" in {p.name for p in (Path(aws_ops.ROOT) / "systemd").iterdir()} \
+        or "vllm@.service.j2" in {p.name for p in (Path(aws_ops.ROOT) / "systemd").iterdir()}
+    missing = [u for u in aws_ops.UNITS if "*" not in u and u not in managed]
+    assert not missing, f"no role manages {missing}"

@@ -1,10 +1,19 @@
 import json
+import re
 import struct
+from pathlib import Path
 
+import jinja2
 import pytest
+import yaml
 
 from stack import declaration, gpu_planner
 from stack.gpu_planner import GIB, Architecture, PlanError, kv_tokens, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+# What an A10G reports (nvidia-smi memory.total: "23028MiB"), not the "24 GB" it is sold as
+A10G_BYTES = 23028 * 1024 * 1024
+A10G_GIB = A10G_BYTES / 2**30  # 22.488...
 
 SEED = declaration.load()  # text2sql (Qwen2-1.5B), sqlcoder (DeepSeek-Coder-1.3B), embed
 
@@ -37,13 +46,13 @@ def test_kv_tokens_are_whole_blocks_of_16():
 
 
 def test_seed_models_fit_an_a10g_under_the_margin():
-    plans = plan(SEED, 24.0)
+    plans = plan(SEED, A10G_GIB)
     by = {p.name: p for p in plans}
     assert sum(p.fraction for p in plans) <= gpu_planner.DEFAULT_MARGIN
     for m in SEED:
         p = by[m.name]
         # each share holds its weights, its overheads and its KV cache
-        assert p.fraction * 24 >= p.weights_gib + p.overhead_gib + p.kv_gib - 1e-9
+        assert p.fraction * A10G_GIB >= p.weights_gib + p.overhead_gib + p.kv_gib - 1e-9
         if m.task == "generate":
             assert p.full_context_seqs >= 1 and p.kv_tokens >= m.max_model_len
     # the MHA model needs 7x the KV memory per token of the GQA one for the same concurrency
@@ -53,7 +62,7 @@ def test_seed_models_fit_an_a10g_under_the_margin():
 
 def test_a_declared_share_wins_and_the_rest_is_planned_around_it():
     models = [spec("text2sql", gpu_memory_utilization=0.5), spec("sqlcoder"), spec("embed")]
-    by = {p.name: p for p in plan(models, 24.0)}
+    by = {p.name: p for p in plan(models, A10G_GIB)}
     assert by["text2sql"].fraction == 0.5 and by["text2sql"].explicit
     assert sum(p.fraction for p in by.values()) <= gpu_planner.DEFAULT_MARGIN
 
@@ -86,11 +95,95 @@ def test_weights_come_from_safetensors_headers(tmp_path):
     assert gpu_planner.safetensors_bytes(tmp_path) == 7
 
 
-def test_gpu_sizes_by_name_or_number():
-    assert gpu_planner.gpu_size("A10G") == 24 and gpu_planner.gpu_size("h100") == 80
-    assert gpu_planner.gpu_size("48") == 48
+def test_gpu_sizes_are_what_the_cards_report_not_the_marketing_figure():
+    # nvidia-smi memory.total, MiB: A10G 23028, L4 23034, T4 15360, L40S 46068,
+    # A100-SXM4-40GB 40960, H100 80GB HBM3 81559
+    reported_mib = {"a10g": 23028, "l4": 23034, "t4": 15360, "l40s": 46068,
+                    "a100-40": 40960, "h100": 81559}
+    for kind, mib in reported_mib.items():
+        assert gpu_planner.gpu_size(kind) * GIB == mib * 2**20, kind
+    assert gpu_planner.gpu_size("A10G") * GIB == A10G_BYTES
+    assert round(gpu_planner.gpu_size("a10g"), 2) == 22.49
+    assert gpu_planner.gpu_size("48") == 48 and gpu_planner.gpu_size("22.5GiB") == 22.5
     with pytest.raises(Exception, match="unknown GPU"):
         gpu_planner.gpu_size("v100x")
+
+
+def test_planned_kv_cache_is_what_vllm_gets_from_the_reported_size():
+    # a declared share of 0.5 on a g5.xlarge: vLLM gives the instance 0.5 x 23028 MiB, and
+    # the KV cache is what is left after weights and overheads, in blocks of 16 tokens of
+    # 2 x 28 layers x 2 KV heads x 128 x 2 bytes (Qwen2-1.5B, bf16)
+    p = plan([spec("text2sql", gpu_memory_utilization=0.5)],
+             gpu_planner.gpu_size("g5.xlarge"))[0]
+    kv_budget = 0.5 * A10G_BYTES - (p.weights_gib + p.overhead_gib) * 2**30
+    block = 16 * (2 * 28 * 2 * 128 * 2)
+    assert p.kv_tokens == int(kv_budget // block) * 16
+    # sized from "24 GiB" it would promise about 27,000 tokens vLLM never allocates
+    assert p.kv_tokens < int((0.5 * 24 * 2**30 - (p.weights_gib + p.overhead_gib) * 2**30)
+                             // block) * 16 - 25000
+
+
+@pytest.mark.parametrize(("instance_type", "kind", "count"), [
+    # AWS's accelerated-computing tables: GPUs per instance
+    ("g4dn.xlarge", "t4", 1), ("g4dn.12xlarge", "t4", 4), ("g4dn.metal", "t4", 8),
+    ("g5.xlarge", "a10g", 1), ("g5.16xlarge", "a10g", 1), ("g5.12xlarge", "a10g", 4),
+    ("g5.24xlarge", "a10g", 4), ("g5.48xlarge", "a10g", 8),
+    ("g6.2xlarge", "l4", 1), ("g6.12xlarge", "l4", 4), ("g6.48xlarge", "l4", 8),
+    ("g6e.xlarge", "l40s", 1), ("g6e.24xlarge", "l40s", 4), ("g6e.48xlarge", "l40s", 8),
+    ("p4d.24xlarge", "a100-40", 8), ("p5.48xlarge", "h100", 8),
+])
+def test_instance_type_names_the_gpu_kind_and_count(instance_type, kind, count):
+    assert gpu_planner.instance_gpus(instance_type) == (kind, count)
+    target = gpu_planner.gpu_target(instance_type)
+    assert target.count == count and target.gib == gpu_planner.gpu_size(kind)
+
+
+def test_every_family_terraform_allows_has_a_gpu():
+    variables = (ROOT / "terraform" / "variables.tf").read_text()
+    allowed = re.search(r'regex\("\^\(([a-z0-9|]+)\)', variables).group(1).split("|")
+    assert set(allowed) == set(gpu_planner.INSTANCE_GPUS)
+
+
+def test_unknown_instance_types_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"g5 comes in g5\.xlarge.*or pass --gpu a10g"):
+        gpu_planner.instance_gpus("g5.3xlarge")
+    with pytest.raises(ValueError, match=r"no GPU known for family 'p3'.*g4dn, g5"):
+        gpu_planner.instance_gpus("p3.2xlarge")
+
+
+def test_cli_defaults_to_the_instance_type_terraform_deploys(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TF_VAR_instance_type", raising=False)
+    (tmp_path / "terraform.tfvars").write_text('instance_type = "g6.12xlarge"\n')
+    assert gpu_planner.main(["--tf-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "g6.12xlarge: 4 x NVIDIA L4, 23034 MiB each" in out
+    assert "the other 3 stay idle" in out
+    (tmp_path / "terraform.tfvars").unlink()
+    monkeypatch.setenv("TF_VAR_instance_type", "g4dn.xlarge")
+    assert gpu_planner.main(["--tf-dir", str(tmp_path), "--json"]) == 0
+    t4 = json.loads(capsys.readouterr().out)
+    assert gpu_planner.main(["--gpu", "15", "--json"]) == 0
+    assert t4 == json.loads(capsys.readouterr().out)  # 15360 MiB is 15 GiB
+    monkeypatch.setenv("TF_VAR_instance_type", "g5.3xlarge")
+    with pytest.raises(SystemExit):
+        gpu_planner.main(["--tf-dir", str(tmp_path)])
+    assert "instance_type from the Terraform settings" in capsys.readouterr().err
+
+
+def test_the_vllm_role_plans_for_the_inventory_instance_type(capsys):
+    """group_vars hands the planner the host's aws_instance_type (the role runs
+    `stack.gpu_planner --json --gpu {{ vllm_gpu_kind }}`)."""
+    group_vars = yaml.safe_load((ROOT / "ansible/group_vars/all/main.yml").read_text())
+    configure = (ROOT / "ansible/roles/vllm/tasks/configure.yml").read_text()
+    assert "--gpu {{ vllm_gpu_kind }}" in configure
+    kind = jinja2.Environment().from_string(group_vars["vllm_gpu_kind"])
+    assert kind.render(aws_instance_type="g6e.12xlarge") == "g6e.12xlarge"
+    assert kind.render() == "a10g"  # static inventories without the instance type
+    assert gpu_planner.main(["--json", "--gpu", kind.render(aws_instance_type="g6e.12xlarge")]) \
+        == 0
+    l40s = json.loads(capsys.readouterr().out)
+    assert gpu_planner.main(["--json", "--gpu", str(46068 / 1024)]) == 0
+    assert l40s == json.loads(capsys.readouterr().out)
 
 
 def test_cli_prints_the_table_and_json(capsys):

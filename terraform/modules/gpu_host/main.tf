@@ -1,23 +1,38 @@
 locals {
-  # Canonical's account publishes Ubuntu; "amazon" publishes the Deep Learning AMIs
-  ami_lookup = {
-    "ubuntu-24.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*" }
-    "ubuntu-22.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*" }
-    "dlami-ubuntu-24.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *" }
-    "dlami-ubuntu-22.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *" }
+  # Ubuntu: Canonical's public SSM parameters name the current image of each release, so no
+  # name search can pick up a look-alike image; 22.04 images are published on gp2, 24.04 on gp3.
+  ubuntu_ami_parameter = {
+    "ubuntu-24.04" = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    "ubuntu-22.04" = "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
   }
-  ami_id = var.ami_id != null ? var.ami_id : data.aws_ami.this[0].id
+  # Deep Learning AMIs: the newest image of that name in Amazon's own account
+  dlami_name = {
+    "dlami-ubuntu-24.04" = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
+    "dlami-ubuntu-22.04" = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
+  }
+  ami_from_ssm   = var.ami_id == null && contains(keys(local.ubuntu_ami_parameter), var.ami_flavor)
+  ami_from_dlami = var.ami_id == null && contains(keys(local.dlami_name), var.ami_flavor)
+  ami_id = (var.ami_id != null ? var.ami_id
+    : local.ami_from_ssm ? data.aws_ssm_parameter.ubuntu_ami[0].insecure_value
+  : data.aws_ami.this[0].id)
+}
+
+# Public parameter: reading it needs ssm:GetParameter on arn:aws:ssm:<region>::parameter/aws/service/*
+data "aws_ssm_parameter" "ubuntu_ami" {
+  count = local.ami_from_ssm ? 1 : 0
+
+  name = local.ubuntu_ami_parameter[var.ami_flavor]
 }
 
 data "aws_ami" "this" {
-  count = var.ami_id == null ? 1 : 0
+  count = local.ami_from_dlami ? 1 : 0
 
   most_recent = true
-  owners      = [local.ami_lookup[var.ami_flavor].owner]
+  owners      = ["amazon"]
 
   filter {
     name   = "name"
-    values = [local.ami_lookup[var.ami_flavor].name]
+    values = [local.dlami_name[var.ami_flavor]]
   }
 
   filter {

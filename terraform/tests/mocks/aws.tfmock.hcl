@@ -7,8 +7,18 @@ mock_data "aws_ec2_instance_type_offerings" {
   defaults = { locations = ["us-east-1c", "us-east-1a", "us-east-1b"] }
 }
 
+mock_data "aws_availability_zones" {
+  # the region's regular zones (a Local Zone never matches the filters)
+  defaults = { names = ["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d"] }
+}
+
 mock_data "aws_ami" {
   defaults = { id = "ami-0123456789abcdef0" }
+}
+
+mock_data "aws_ssm_parameter" {
+  # Canonical's parameter holds the current Ubuntu image ID
+  defaults = { insecure_value = "ami-0123456789abcdef0", type = "String" }
 }
 
 mock_data "aws_partition" {
