@@ -154,3 +154,19 @@ run "a_region_without_the_gpu_type_in_two_zones_is_refused" {
   }
   expect_failures = [data.aws_ec2_instance_type_offerings.gpu]
 }
+
+run "ubuntu_2204_images_are_refused" {
+  command = plan
+  variables {
+    ami_flavor = "ubuntu-22.04"
+  }
+  expect_failures = [var.ami_flavor]
+}
+
+run "deep_learning_ami_on_ubuntu_2204_is_refused" {
+  command = plan
+  variables {
+    ami_flavor = "dlami-ubuntu-22.04"
+  }
+  expect_failures = [var.ami_flavor]
+}

@@ -2,9 +2,7 @@ locals {
   # Canonical's account publishes Ubuntu; "amazon" publishes the Deep Learning AMIs
   ami_lookup = {
     "ubuntu-24.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*" }
-    "ubuntu-22.04"       = { owner = "099720109477", name = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*" }
     "dlami-ubuntu-24.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *" }
-    "dlami-ubuntu-22.04" = { owner = "amazon", name = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *" }
   }
   ami_id = var.ami_id != null ? var.ami_id : data.aws_ami.this[0].id
 }
