@@ -244,3 +244,23 @@ def test_a_misspelled_flag_is_caught(release_help):
     assert unknown_flags(misspelled, release_help) == [
         "--shutdown-timout: not an option of this vLLM release"]
     assert unknown_flags(["--dtype", "bfloat61"], release_help) != []
+
+
+# --------------------------------------------------------------------------- driver
+
+
+# Oldest NVIDIA driver branch a CUDA major release runs on (minor-version compatibility):
+# CUDA 12.x needs 525 or later, CUDA 13.x 580 or later.
+MIN_DRIVER_BRANCH = {12: 525, 13: 580}
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "torch 2.13.0 (vLLM 0.32.0) is built for CUDA 13, which needs driver branch 580 or later; "
+    "the nvidia_driver role pins 570. Remove this marker once nvidia_driver_branch is raised."))
+def test_the_pinned_driver_runs_the_pinned_cuda():
+    gpu = vllm_lock.read_pins(ROLE / "files" / "constraints-gpu.txt")
+    cuda_major = int(gpu["nvidia-cuda-runtime"].split(".")[0])
+    driver = role_defaults("nvidia_driver")["nvidia_driver_branch"]
+    assert int(driver) >= MIN_DRIVER_BRANCH[cuda_major], (
+        f"CUDA {cuda_major} (torch {gpu['torch']}) needs driver branch "
+        f"{MIN_DRIVER_BRANCH[cuda_major]} or later; nvidia_driver_branch is {driver}")
