@@ -28,7 +28,7 @@ from stack.render import parse_env_file, render, resolve, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm"
-VERSION_PIN = re.compile(r"\bvllm(?:-cpu)?\s*(?:==|>=|~=|<=)\s*([0-9][0-9A-Za-z.+]*)")
+VERSION_PIN = re.compile(r"\bvllm(?:-cpu)?\s*(?:===?|~=)\s*([0-9][0-9A-Za-z.+]*)")
 # Text files the version could hide in (the constraints files are checked separately).
 SCANNED = ("ansible", "stack", "mk", "docs", "systemd", "terraform", "Makefile", "README.md",
            "pyproject.toml")
