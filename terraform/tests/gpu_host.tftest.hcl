@@ -171,24 +171,6 @@ run "ubuntu_comes_from_canonicals_ssm_parameter" {
   }
 }
 
-run "ubuntu_22_04_uses_its_gp2_parameter" {
-  command   = plan
-  state_key = "ssm-jammy"
-
-  module {
-    source = "./modules/gpu_host"
-  }
-
-  variables {
-    ami_flavor = "ubuntu-22.04"
-  }
-
-  assert {
-    condition     = data.aws_ssm_parameter.ubuntu_ami[0].name == "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
-    error_message = "22.04 images are published under ebs-gp2"
-  }
-}
-
 run "deep_learning_amis_are_found_by_name_in_amazons_account" {
   command   = plan
   state_key = "dlami"

@@ -168,3 +168,18 @@ run "gpu_type_only_in_local_zones_besides_one_regular_zone_is_refused" {
   expect_failures = [data.aws_availability_zones.regular]
 }
 
+run "ubuntu_2204_images_are_refused" {
+  command = plan
+  variables {
+    ami_flavor = "ubuntu-22.04"
+  }
+  expect_failures = [var.ami_flavor]
+}
+
+run "deep_learning_ami_on_ubuntu_2204_is_refused" {
+  command = plan
+  variables {
+    ami_flavor = "dlami-ubuntu-22.04"
+  }
+  expect_failures = [var.ami_flavor]
+}

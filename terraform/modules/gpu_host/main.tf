@@ -1,14 +1,12 @@
 locals {
   # Ubuntu: Canonical's public SSM parameters name the current image of each release, so no
-  # name search can pick up a look-alike image; 22.04 images are published on gp2, 24.04 on gp3.
+  # name search can pick up a look-alike image (22.04 is refused by the variable's validation).
   ubuntu_ami_parameter = {
     "ubuntu-24.04" = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
-    "ubuntu-22.04" = "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
   }
   # Deep Learning AMIs: the newest image of that name in Amazon's own account
   dlami_name = {
     "dlami-ubuntu-24.04" = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
-    "dlami-ubuntu-22.04" = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04) *"
   }
   ami_from_ssm   = var.ami_id == null && contains(keys(local.ubuntu_ami_parameter), var.ami_flavor)
   ami_from_dlami = var.ami_id == null && contains(keys(local.dlami_name), var.ami_flavor)
