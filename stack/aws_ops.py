@@ -55,8 +55,10 @@ DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
 DEFAULT_INSTANCE_TYPE = "g5.xlarge"
 HOST_ROLE = "gpu-host"
-UNITS = ["nginx.service", "gateway.service", "vllm@*.service", "node_exporter.service",
-         "dcgm-exporter.service"]
+# the units `make status` shows; Debian/Ubuntu's node exporter unit is named after its package
+# (the node_exporter role installs prometheus-node-exporter)
+UNITS = ["nginx.service", "gateway.service", "vllm@*.service",
+         "prometheus-node-exporter.service", "dcgm-exporter.service"]
 # Service Quotas codes of the "Running On-Demand ... instances" vCPU limits
 QUOTA_CODES = {"g": ("L-DB2E81BA", "G and VT"), "p": ("L-417A185B", "P")}
 

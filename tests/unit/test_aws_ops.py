@@ -164,6 +164,7 @@ def test_inventory_finds_hosts_by_tags_when_terraform_has_no_state(paths, aws, m
         assert host["ansible_host"] == made["ip"]
         assert host["aws_instance_id"] == made["id"]
         assert host["aws_models_volume_id"] == made["volume"]
+        assert host["models_volume_device"] == aws_ops.volume_device(made["volume"])
         assert host["aws_instance_type"] == "g5.xlarge"
         assert host["aws_private_ip"].startswith("10.42.0.")
     ids = {h["aws_instance_id"] for h in group["hosts"].values()}
@@ -211,6 +212,61 @@ def test_inventory_prefers_terraform_outputs(paths, capsys):
     assert paths.run("endpoint") == 0 and paths.run("endpoint", "--tls") == 0
     assert capsys.readouterr().out.split() == [
         "https://ec2-198-51-100-10.compute-1.amazonaws.com", "self-signed"]
+
+
+def _terraform_says(paths, outputs: dict) -> None:
+    paths.tool("terraform", f"""\
+        case "$*" in *"output -json"*) cat <<'EOF'
+        {json.dumps(outputs)}
+        EOF
+        ;; *) exit 1 ;; esac
+        """)
+
+
+MODELS_ROLE_OPTIONS = yaml.safe_load(
+    (aws_ops.ROOT / "ansible/roles/models/meta/argument_specs.yml").read_text()
+)["argument_specs"]["main"]["options"]
+
+
+def test_models_volume_maps_to_its_stable_nvme_path(paths):
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+
+    host = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]["hosts"][
+        "llm-gpu-0"]
+    # the models role's own variable, so the role formats and mounts that very disk
+    assert "models_volume_device" in MODELS_ROLE_OPTIONS
+    assert host["models_volume_device"] == (
+        "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0")
+    assert host["aws_models_volume_id"] == "vol-0123456789abcdef0"
+
+
+@pytest.mark.parametrize("bad", ["vol0123456789abcdef0", "vol-xyz", "/dev/nvme1n1", ""])
+def test_a_volume_id_that_is_not_one_is_refused(bad):
+    with pytest.raises(aws_ops.OpsError):
+        aws_ops.volume_device(bad)
+
+
+def test_model_bucket_becomes_the_models_s3_cache(paths):
+    url = "s3://llm-models-20250101000000000000000001/hf-cache"
+    _terraform_says(paths, {**TF_OUTPUTS,
+                            "model_bucket_name": {"value": "llm-models-20250101000000000000000001"},
+                            "model_cache_url": {"value": url}})
+    assert paths.run("inventory") == 0
+
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    assert "models_s3_cache" in MODELS_ROLE_OPTIONS
+    assert group["vars"]["models_s3_cache"] == url
+    assert aws_ops.read_inventory(paths.out).model_cache_url == url
+
+
+def test_no_bucket_leaves_the_cache_off(paths):
+    _terraform_says(paths, TF_OUTPUTS)  # model_bucket_name null, no model_cache_url
+    assert paths.run("inventory") == 0
+
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    # absent, so the role's default (no cache) applies
+    assert "models_s3_cache" not in group["vars"]
 
 
 def test_inventory_from_terraform_without_state_says_what_to_do(paths, capsys):
@@ -555,3 +611,4 @@ def test_ansible_reads_the_written_inventory(paths):
     host = seen["_meta"]["hostvars"]["llm-gpu-0"]
     assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
     assert host["aws_instance_id"] == "i-0123456789abcdef0"
+    assert host["models_volume_device"].endswith("_vol0123456789abcdef0")
