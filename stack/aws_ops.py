@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -50,6 +51,10 @@ INVENTORY = ROOT / "ansible" / "inventories" / "aws" / "hosts.yml"
 # a known_hosts of our own: Elastic IPs are reused after destroy/deploy, and a stale entry in
 # ~/.ssh/known_hosts would block SSH; `make destroy` removes this file
 KNOWN_HOSTS = ROOT / ".local" / "aws_known_hosts"
+# Grafana's admin password, made by `make inventory` (so by `make deploy`) when missing: shown
+# once, kept on the controller only (mode 0600, .local/ is not in git), read by Ansible at run
+# time through the inventory's file lookup; `make destroy` removes it
+GRAFANA_PASSWORD = ROOT / ".local" / "grafana-admin-password"
 
 DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
@@ -342,8 +347,32 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
     return {"all": {"children": {
         "gpu_hosts": {"vars": group_vars, "hosts": host_vars},
         # Prometheus and Grafana run on the first GPU host unless a monitoring host is added
-        "monitoring": {"hosts": {dep.hosts[0].name: None}},
+        "monitoring": {
+            "hosts": {dep.hosts[0].name: None},
+            # the password's file, not the password: the inventory holds no secret
+            "vars": {"monitoring_grafana_admin_password":
+                     f"{{{{ lookup('ansible.builtin.file', '{GRAFANA_PASSWORD}') }}}}"},
+        },
     }}}
+
+
+def ensure_grafana_password(path: Path | None = None) -> str | None:
+    """Create Grafana's admin password file (mode 0600) if it is missing; the new password, or
+    None when the file was there already."""
+    path = path or GRAFANA_PASSWORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if not path.read_text().strip():
+            raise OpsError(f"{path} is empty: delete it and run `make inventory` to make a new "
+                           "Grafana admin password") from None
+        return None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # whatever the umask
+        f.write(password + "\n")
+    return password
 
 
 def write_inventory(dep: Deployment, path: Path = INVENTORY, identity: str | None = None) -> None:
@@ -480,6 +509,12 @@ def cmd_inventory(args: argparse.Namespace) -> int:
           f"{len(dep.hosts)} host(s) from {dep.source}")
     for h in dep.hosts:
         print(f"   {h.name:<16} {h.public_ip or '-':<16} {h.instance_id}")
+    password = ensure_grafana_password()
+    if password:
+        shown = GRAFANA_PASSWORD.relative_to(ROOT) if GRAFANA_PASSWORD.is_relative_to(ROOT) \
+            else GRAFANA_PASSWORD
+        print(f">> Grafana admin password (user admin), shown this once: {password}\n"
+              f"   kept in {shown} (mode 0600, not in git); Ansible reads it from there")
     return 0
 
 

@@ -40,6 +40,7 @@ def paths(tmp_path, monkeypatch):
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setattr(aws_ops, "KNOWN_HOSTS", tmp_path / "known_hosts")
+    monkeypatch.setattr(aws_ops, "GRAFANA_PASSWORD", tmp_path / "local" / "grafana-admin-password")
     # no credentials from the machine running the tests, and no metadata-service probe
     for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY"):
@@ -612,3 +613,51 @@ def test_ansible_reads_the_written_inventory(paths):
     assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
     assert host["aws_instance_id"] == "i-0123456789abcdef0"
     assert host["models_volume_device"].endswith("_vol0123456789abcdef0")
+
+
+# ---- Grafana's admin password ------------------------------------------------------------------
+
+
+def test_inventory_makes_grafana_password_once_and_keeps_it_out_of_the_inventory(paths, capsys):
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+    stored = aws_ops.GRAFANA_PASSWORD
+    password = stored.read_text().strip()
+    assert len(password) >= 20
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert capsys.readouterr().out.count(password) == 1  # shown once
+    assert password not in paths.out.read_text()
+
+    assert paths.run("inventory") == 0  # again: same password, not shown again
+    assert stored.read_text().strip() == password
+    assert password not in capsys.readouterr().out
+
+
+def test_an_emptied_password_file_is_a_clear_error(paths, capsys):
+    _terraform_says(paths, TF_OUTPUTS)
+    aws_ops.GRAFANA_PASSWORD.parent.mkdir(parents=True)
+    aws_ops.GRAFANA_PASSWORD.write_text("\n")
+    assert paths.run("inventory") == 2
+    assert "grafana-admin-password is empty" in capsys.readouterr().err
+
+
+def test_ansible_gets_the_stored_grafana_password_on_the_monitoring_host(paths):
+    ansible = Path(sys.executable).parent / "ansible"
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+    # the monitoring role's own variable, so its preflight finds the password set
+    options = yaml.safe_load((aws_ops.ROOT / "ansible/roles/monitoring/meta/argument_specs.yml")
+                             .read_text())["argument_specs"]["main"]["options"]
+    assert "monitoring_grafana_admin_password" in options
+    # debug runs on the controller: no connection to the (fake) host is made
+    proc = subprocess.run(
+        [str(ansible), "monitoring", "-i", str(paths.out), "-m", "ansible.builtin.debug",
+         "-a", "var=monitoring_grafana_admin_password", "--one-line"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": "/usr/bin:/bin", "ANSIBLE_NOCOLOR": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    host, _, result = proc.stdout.partition(" | SUCCESS => ")
+    assert host == "llm-gpu-0", proc.stdout
+    result = json.loads(result)
+    assert result["monitoring_grafana_admin_password"] == (
+        aws_ops.GRAFANA_PASSWORD.read_text().strip())
