@@ -6,7 +6,12 @@ nvidia-smi answers, DCGM reads the A10G) is listed in docs/aws.md.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import shutil
+import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +193,7 @@ def test_nvidias_repository_may_serve_dcgm_and_nothing_else(url, host):
     assert all(s["Pin"] == f"origin {host}" for s in stanzas)
     allowed = [s["Package"] for s in stanzas if int(s["Pin-Priority"]) > 0]
     assert allowed == ["datacenter-gpu-manager*", "cuda-keyring"]
-    # the catch-all comes last and forbids (apt takes the first record that matches)
+    # everything else from that origin: never installed
     assert stanzas[-1] == {"Package": "*", "Pin": f"origin {host}", "Pin-Priority": "-1"}
     exporter = role_value("dcgm_exporter", "{{ dcgm_exporter_package }}")
     assert any(re.fullmatch(p.replace("*", ".*"), exporter) for p in allowed)
@@ -202,3 +207,87 @@ def test_the_pin_is_in_place_before_the_repository_is_added():
     order = [t.get("ansible.builtin.include_tasks") for t in main]
     assert order.index("preflight.yml") < order.index("repository.yml") < order.index(
         "install.yml")
+
+
+# --- the pin, read by apt itself -------------------------------------------------------------
+
+NVIDIA_REPO_PACKAGES = {
+    # what NVIDIA's repository offers: DCGM, its exporter, the keyring, and a driver newer
+    # than Ubuntu's that must never be taken from there
+    "datacenter-gpu-manager-4-core": "1:4.5.0-1",
+    "datacenter-gpu-manager-4-cuda13": "1:4.5.0-1",
+    "datacenter-gpu-manager-exporter": "4.5.0-1",
+    "cuda-keyring": "1.1-1",
+    "nvidia-utils-580-server": "580.999.99-0ubuntu1",
+    "libnvidia-compute-580": "580.999.99-0ubuntu1",
+}
+
+
+@pytest.fixture
+def nvidia_like_repo(tmp_path):
+    """A flat apt repository of empty packages with those names, served over HTTP on
+    127.0.0.1 (so its origin is 127.0.0.1, as NVIDIA's is its host name)."""
+    tools = [shutil.which(t) for t in ("dpkg-deb", "dpkg-scanpackages", "apt-get", "apt-cache")]
+    if None in tools:
+        pytest.skip("needs dpkg-deb, dpkg-scanpackages (dpkg-dev), apt-get and apt-cache")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name, version in NVIDIA_REPO_PACKAGES.items():
+        control = tmp_path / "build" / name / "DEBIAN"
+        control.mkdir(parents=True)
+        (control / "control").write_text(
+            f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+            "Maintainer: test <test@example.com>\nDescription: stand-in\n")
+        subprocess.run(["dpkg-deb", "--build", str(control.parent), str(repo)], check=True,
+                       capture_output=True)
+    packages = subprocess.run(["dpkg-scanpackages", ".", "/dev/null"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+    (repo / "Packages").write_text(packages)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(repo))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def apt_candidates(root: Path, url: str, preferences: str | None) -> dict[str, str]:
+    """{package: candidate version or '(none)'} as apt sees them on a host with that source
+    and those preferences (a private apt root: the machine's own apt is not touched)."""
+    for d in ("etc/apt/preferences.d", "etc/apt/apt.conf.d", "etc/apt/sources.list.d",
+              "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/dpkg/status").touch()
+    (root / "apt.conf").touch()
+    (root / "etc/apt/sources.list").write_text(f"deb [trusted=yes] {url} ./\n")
+    if preferences is not None:
+        (root / "etc/apt/preferences.d/llm-nvidia-cuda-repo.pref").write_text(preferences)
+    opts = ["-o", f"Dir={root}", "-o", f"Dir::State::status={root}/var/lib/dpkg/status",
+            "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root"]
+    env = {"PATH": "/usr/bin:/bin", "APT_CONFIG": str(root / "apt.conf"), "LC_ALL": "C"}
+    subprocess.run(["apt-get", *opts, "update"], check=True, capture_output=True, env=env,
+                   timeout=60)
+    out = subprocess.run(["apt-cache", *opts, "policy", *NVIDIA_REPO_PACKAGES], check=True,
+                         capture_output=True, text=True, env=env, timeout=60).stdout
+    return dict(re.findall(r"^(\S+):\n\s+Installed: .*\n\s+Candidate: (\S+)", out, re.M))
+
+
+def test_apt_takes_dcgm_from_nvidias_repository_and_never_a_driver(nvidia_like_repo, tmp_path):
+    template = (ROLES / "dcgm_exporter" / "templates" / "nvidia-cuda-repo.pref.j2").read_text()
+    preferences = role_value("dcgm_exporter", template, ansible_facts=UBUNTU_AWS,
+                             dcgm_exporter_cuda_repo_url=nvidia_like_repo)
+
+    unpinned = apt_candidates(tmp_path / "unpinned", nvidia_like_repo, None)
+    pinned = apt_candidates(tmp_path / "pinned", nvidia_like_repo, preferences)
+
+    # without the pin apt would take the repository's driver: the pin is what stops it
+    assert unpinned["nvidia-utils-580-server"] == NVIDIA_REPO_PACKAGES["nvidia-utils-580-server"]
+    assert pinned["nvidia-utils-580-server"] == "(none)"
+    assert pinned["libnvidia-compute-580"] == "(none)"
+    for name in ("datacenter-gpu-manager-4-core", "datacenter-gpu-manager-4-cuda13",
+                 "datacenter-gpu-manager-exporter", "cuda-keyring"):
+        assert pinned[name] == NVIDIA_REPO_PACKAGES[name], name
