@@ -60,10 +60,8 @@ DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
 DEFAULT_INSTANCE_TYPE = "g5.xlarge"
 HOST_ROLE = "gpu-host"
-# the units `make status` shows; Debian/Ubuntu's node exporter unit is named after its package
-# (the node_exporter role installs prometheus-node-exporter)
-UNITS = ["nginx.service", "gateway.service", "vllm@*.service",
-         "prometheus-node-exporter.service", "dcgm-exporter.service"]
+UNITS = ["nginx.service", "gateway.service", "vllm@*.service", "node_exporter.service",
+         "dcgm-exporter.service"]
 # Service Quotas codes of the "Running On-Demand ... instances" vCPU limits
 QUOTA_CODES = {"g": ("L-DB2E81BA", "G and VT"), "p": ("L-417A185B", "P")}
 
@@ -104,6 +102,8 @@ class Deployment:
     api_endpoint: str | None = None
     api_tls_trusted: bool = False
     model_bucket_name: str | None = None
+    # s3://bucket/prefix the hosts may read and write (Terraform's model_cache_url)
+    model_cache_url: str | None = None
     source: str = "terraform"
 
 
@@ -272,7 +272,8 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             hosts=[Host(**{k: v for k, v in h.items() if k in known}) for h in value["hosts"]],
             api_endpoint=value.get("api_endpoint"),
             api_tls_trusted=bool(value.get("api_tls_trusted")),
-            model_bucket_name=value.get("model_bucket_name"), source="terraform",
+            model_bucket_name=value.get("model_bucket_name"),
+            model_cache_url=value.get("model_cache_url"), source="terraform",
         )
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -320,6 +321,21 @@ def ssh_common_args() -> str:
     return f"-o UserKnownHostsFile={KNOWN_HOSTS} -o StrictHostKeyChecking=accept-new"
 
 
+# Nitro instances show each EBS volume as an NVMe disk whose serial is the volume ID without its
+# dash; udev links it under this name. /dev/nvme1n1 and the like are not stable: on g5 the
+# instance-store disk can take that name first.
+EBS_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+_VOLUME_ID = re.compile(r"vol-([0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def volume_device(volume_id: str) -> str:
+    """The stable device path of an attached EBS volume on a Nitro instance."""
+    if not _VOLUME_ID.fullmatch(volume_id):
+        raise OpsError(f"{volume_id!r} is not an EBS volume ID (vol-<hex>): run `make inventory` "
+                       "again after `make deploy`")
+    return EBS_BY_ID + volume_id.replace("-", "", 1)
+
+
 def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
     host_vars = {}
     for h in dep.hosts:
@@ -330,9 +346,11 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
             "aws_availability_zone": h.availability_zone,
             "aws_private_ip": h.private_ip,
             "aws_public_dns": h.public_dns,
-            # Nitro instances show EBS volumes as NVMe devices named after the volume ID
             "aws_models_volume_id": h.models_volume_id,
         }
+        if h.models_volume_id:
+            # the models role formats it if blank and mounts it at models_dir
+            host_vars[h.name]["models_volume_device"] = volume_device(h.models_volume_id)
     group_vars = {
         "ansible_user": dep.ssh_user,
         "ansible_ssh_common_args": ssh_common_args(),
@@ -342,6 +360,9 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
         "api_tls_trusted": dep.api_tls_trusted,
         "aws_model_bucket_name": dep.model_bucket_name,
     }
+    if dep.model_cache_url:
+        # the models role's shared weights cache: the instance role may write there
+        group_vars["models_s3_cache"] = dep.model_cache_url
     if identity:
         group_vars["ansible_ssh_private_key_file"] = identity
     return {"all": {"children": {
@@ -401,7 +422,8 @@ def read_inventory(path: Path = INVENTORY) -> Deployment:
                       ssh_user=gv["ansible_user"], hosts=hosts,
                       api_endpoint=gv.get("api_endpoint"),
                       api_tls_trusted=bool(gv.get("api_tls_trusted")),
-                      model_bucket_name=gv.get("aws_model_bucket_name"), source="inventory")
+                      model_bucket_name=gv.get("aws_model_bucket_name"),
+                      model_cache_url=gv.get("models_s3_cache"), source="inventory")
 
 
 # ---- commands ----------------------------------------------------------------------------------
