@@ -59,7 +59,7 @@ destroy: venv ## delete every AWS resource of the deployment (asks first; CONFIR
 	  read -r -p "Destroy the AWS deployment: hosts, their volumes (model weights) and addresses? Type yes: " answer; \
 	  [ "$$answer" = yes ] || { echo "nothing destroyed"; exit 1; }; fi
 	@$(AWS_OPS) terraform destroy -input=false -auto-approve
-	@rm -f $(AWS_INVENTORY) .local/aws_known_hosts
+	@rm -f $(AWS_INVENTORY) .local/aws_known_hosts .local/grafana-admin-password
 
 inventory: venv ## write ansible/inventories/aws/hosts.yml (terraform outputs, else EC2 tags)
 	@$(AWS_OPS) inventory

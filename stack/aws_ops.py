@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -50,6 +51,10 @@ INVENTORY = ROOT / "ansible" / "inventories" / "aws" / "hosts.yml"
 # a known_hosts of our own: Elastic IPs are reused after destroy/deploy, and a stale entry in
 # ~/.ssh/known_hosts would block SSH; `make destroy` removes this file
 KNOWN_HOSTS = ROOT / ".local" / "aws_known_hosts"
+# Grafana's admin password, made by `make inventory` (so by `make deploy`) when missing: shown
+# once, kept on the controller only (mode 0600, .local/ is not in git), read by Ansible at run
+# time through the inventory's file lookup; `make destroy` removes it
+GRAFANA_PASSWORD = ROOT / ".local" / "grafana-admin-password"
 
 DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
@@ -99,6 +104,8 @@ class Deployment:
     api_endpoint: str | None = None
     api_tls_trusted: bool = False
     model_bucket_name: str | None = None
+    # s3://bucket/prefix the hosts may read and write (Terraform's model_cache_url)
+    model_cache_url: str | None = None
     source: str = "terraform"
 
 
@@ -341,7 +348,8 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             hosts=[Host(**{k: v for k, v in h.items() if k in known}) for h in value["hosts"]],
             api_endpoint=value.get("api_endpoint"),
             api_tls_trusted=bool(value.get("api_tls_trusted")),
-            model_bucket_name=value.get("model_bucket_name"), source="terraform",
+            model_bucket_name=value.get("model_bucket_name"),
+            model_cache_url=value.get("model_cache_url"), source="terraform",
         )
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -389,6 +397,21 @@ def ssh_common_args() -> str:
     return f"-o UserKnownHostsFile={KNOWN_HOSTS} -o StrictHostKeyChecking=accept-new"
 
 
+# Nitro instances show each EBS volume as an NVMe disk whose serial is the volume ID without its
+# dash; udev links it under this name. /dev/nvme1n1 and the like are not stable: on g5 the
+# instance-store disk can take that name first.
+EBS_BY_ID = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_"
+_VOLUME_ID = re.compile(r"vol-([0-9a-f]{8}|[0-9a-f]{17})")
+
+
+def volume_device(volume_id: str) -> str:
+    """The stable device path of an attached EBS volume on a Nitro instance."""
+    if not _VOLUME_ID.fullmatch(volume_id):
+        raise OpsError(f"{volume_id!r} is not an EBS volume ID (vol-<hex>): run `make inventory` "
+                       "again after `make deploy`")
+    return EBS_BY_ID + volume_id.replace("-", "", 1)
+
+
 def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
     host_vars = {}
     for h in dep.hosts:
@@ -399,9 +422,11 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
             "aws_availability_zone": h.availability_zone,
             "aws_private_ip": h.private_ip,
             "aws_public_dns": h.public_dns,
-            # Nitro instances show EBS volumes as NVMe devices named after the volume ID
             "aws_models_volume_id": h.models_volume_id,
         }
+        if h.models_volume_id:
+            # the models role formats it if blank and mounts it at models_dir
+            host_vars[h.name]["models_volume_device"] = volume_device(h.models_volume_id)
     group_vars = {
         "ansible_user": dep.ssh_user,
         "ansible_ssh_common_args": ssh_common_args(),
@@ -411,13 +436,40 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
         "api_tls_trusted": dep.api_tls_trusted,
         "aws_model_bucket_name": dep.model_bucket_name,
     }
+    if dep.model_cache_url:
+        # the models role's shared weights cache: the instance role may write there
+        group_vars["models_s3_cache"] = dep.model_cache_url
     if identity:
         group_vars["ansible_ssh_private_key_file"] = identity
     return {"all": {"children": {
         "gpu_hosts": {"vars": group_vars, "hosts": host_vars},
         # Prometheus and Grafana run on the first GPU host unless a monitoring host is added
-        "monitoring": {"hosts": {dep.hosts[0].name: None}},
+        "monitoring": {
+            "hosts": {dep.hosts[0].name: None},
+            # the password's file, not the password: the inventory holds no secret
+            "vars": {"monitoring_grafana_admin_password":
+                     f"{{{{ lookup('ansible.builtin.file', '{GRAFANA_PASSWORD}') }}}}"},
+        },
     }}}
+
+
+def ensure_grafana_password(path: Path | None = None) -> str | None:
+    """Create Grafana's admin password file (mode 0600) if it is missing; the new password, or
+    None when the file was there already."""
+    path = path or GRAFANA_PASSWORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    password = secrets.token_urlsafe(18)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if not path.read_text().strip():
+            raise OpsError(f"{path} is empty: delete it and run `make inventory` to make a new "
+                           "Grafana admin password") from None
+        return None
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # whatever the umask
+        f.write(password + "\n")
+    return password
 
 
 def write_inventory(dep: Deployment, path: Path = INVENTORY, identity: str | None = None) -> None:
@@ -446,7 +498,8 @@ def read_inventory(path: Path = INVENTORY) -> Deployment:
                       ssh_user=gv["ansible_user"], hosts=hosts,
                       api_endpoint=gv.get("api_endpoint"),
                       api_tls_trusted=bool(gv.get("api_tls_trusted")),
-                      model_bucket_name=gv.get("aws_model_bucket_name"), source="inventory")
+                      model_bucket_name=gv.get("aws_model_bucket_name"),
+                      model_cache_url=gv.get("models_s3_cache"), source="inventory")
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -568,6 +621,12 @@ def cmd_inventory(args: argparse.Namespace) -> int:
           f"{len(dep.hosts)} host(s) from {dep.source}")
     for h in dep.hosts:
         print(f"   {h.name:<16} {h.public_ip or '-':<16} {h.instance_id}")
+    password = ensure_grafana_password()
+    if password:
+        shown = GRAFANA_PASSWORD.relative_to(ROOT) if GRAFANA_PASSWORD.is_relative_to(ROOT) \
+            else GRAFANA_PASSWORD
+        print(f">> Grafana admin password (user admin), shown this once: {password}\n"
+              f"   kept in {shown} (mode 0600, not in git); Ansible reads it from there")
     return 0
 
 

@@ -63,6 +63,11 @@ output "model_bucket_name" {
   value       = var.create_model_bucket ? module.model_bucket[0].name : null
 }
 
+output "model_cache_url" {
+  description = "s3://<bucket>/<prefix> the hosts read and write as their shared weights cache (Ansible's models_s3_cache), or null when create_model_bucket is false."
+  value       = module.gpu_host.model_cache_url
+}
+
 output "monitoring_security_group_id" {
   description = "Attach to a separate monitoring host so it may scrape the exporters."
   value       = module.security.monitoring_security_group_id

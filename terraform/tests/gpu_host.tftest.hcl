@@ -79,14 +79,14 @@ run "hosts_spread_over_both_zones_with_their_own_volume_and_address" {
   }
 }
 
-run "no_bucket_access_unless_asked_and_then_read_only" {
+run "no_bucket_access_unless_asked" {
   module {
     source = "./modules/gpu_host"
   }
 
   assert {
-    condition     = length(aws_iam_role_policy.model_bucket_read) == 0
-    error_message = "without a bucket the role has no S3 access"
+    condition     = length(aws_iam_role_policy.model_bucket_cache) == 0 && output.model_cache_url == null
+    error_message = "without a bucket the role has no S3 access and the hosts no cache"
   }
   assert {
     condition     = endswith(aws_iam_role_policy_attachment.ssm.policy_arn, ":iam::aws:policy/AmazonSSMManagedInstanceCore")
@@ -94,7 +94,7 @@ run "no_bucket_access_unless_asked_and_then_read_only" {
   }
 }
 
-run "bucket_access_is_read_only" {
+run "bucket_access_reads_the_bucket_and_writes_only_the_cache_prefix" {
   module {
     source = "./modules/gpu_host"
   }
@@ -106,10 +106,39 @@ run "bucket_access_is_read_only" {
 
   assert {
     condition = toset(flatten([
-      for s in jsondecode(aws_iam_role_policy.model_bucket_read[0].policy).Statement : s.Action
-    ])) == toset(["s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:GetObjectVersion"])
-    error_message = "the hosts may list and read the bucket, nothing else"
+      for s in jsondecode(aws_iam_role_policy.model_bucket_cache[0].policy).Statement : s.Action
+    ])) == toset(["s3:ListBucket", "s3:GetBucketLocation", "s3:GetObject", "s3:GetObjectVersion", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"])
+    error_message = "the hosts may list and read the bucket and upload to it; no delete, no bucket settings"
   }
+  assert {
+    condition = alltrue([
+      for s in jsondecode(aws_iam_role_policy.model_bucket_cache[0].policy).Statement :
+      s.Resource == "arn:aws:s3:::llm-models-abc/hf-cache/*"
+      if contains(flatten([s.Action]), "s3:PutObject")
+    ]) && anytrue([for s in jsondecode(aws_iam_role_policy.model_bucket_cache[0].policy).Statement : contains(flatten([s.Action]), "s3:PutObject")])
+    error_message = "uploads must be limited to the cache prefix"
+  }
+  # the URL Ansible gets (models_s3_cache) is the very prefix the role may write
+  assert {
+    condition     = output.model_cache_url == "s3://llm-models-abc/hf-cache"
+    error_message = "model_cache_url must name the bucket and the writable prefix"
+  }
+}
+
+run "cache_prefix_must_be_a_clean_key_prefix" {
+  command = plan
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    enable_model_bucket_access = true
+    model_bucket_arn           = "arn:aws:s3:::llm-models-abc"
+    model_bucket_write_prefix  = "/hf-cache/"
+  }
+
+  expect_failures = [var.model_bucket_write_prefix]
 }
 
 run "a_new_image_does_not_replace_an_existing_host" {

@@ -28,7 +28,7 @@ run "defaults_give_one_g5_xlarge_in_a_two_az_network" {
     error_message = "one host needs no load balancer"
   }
   assert {
-    condition     = output.model_bucket_name == null
+    condition     = output.model_bucket_name == null && output.model_cache_url == null
     error_message = "the model bucket is opt-in"
   }
   assert {
@@ -72,6 +72,10 @@ run "three_hosts_get_a_load_balancer_and_a_dns_alias" {
   assert {
     condition     = output.model_bucket_name != null
     error_message = "create_model_bucket must create the bucket"
+  }
+  assert {
+    condition     = output.model_cache_url == "s3://${output.model_bucket_name}/hf-cache"
+    error_message = "the hosts' cache URL must be the created bucket, under the prefix the instance role may write"
   }
 }
 

@@ -824,6 +824,38 @@ def start_hosts(names: list[str]) -> list[TestHost]:
     return [out[n] for n in names]
 
 
+def reboot_host(host: TestHost) -> TestHost:
+    """`systemctl reboot` inside a running host, and the host boots again like a VM: same root
+    filesystem (its overlay keeps everything Ansible did), same address. systemd-nspawn run
+    with --keep-unit ends with exit status 133 on a reboot instead of booting again itself
+    (systemd-nspawn@.service restarts it on 133), so this plays that part: once the old
+    process is gone it boots the same tree again and waits until systemd is up."""
+    with _locked(STATE_DIR / ".lock"):
+        st = _read_state(host.name)
+        if not _is_running(st):
+            raise RuntimeError(f"{host.name}: not running, nothing to reboot")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            host.ssh("systemctl reboot", timeout=30)  # the connection may drop on the way down
+        deadline = time.monotonic() + STOP_TIMEOUT * 3
+        while procs.alive(st["pid"], st.get("start")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.name}: still running {STOP_TIMEOUT * 3:.0f}s after "
+                                   "`systemctl reboot`")
+            time.sleep(0.5)
+        say(f"{host.name}: shut down for the reboot; booting the same tree again")
+        t = time.monotonic()
+        with open(STATE_DIR / host.name / "console.log", "ab") as out:
+            env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="network")
+            proc = subprocess.Popen(
+                _nspawn_cmd(host.name, Path(st["rootfs"]), pip_settings().bind_dirs), env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        st.update(pid=proc.pid, start=procs.start_time(proc.pid), booted_at=time.time())
+        _state_path(host.name).write_text(json.dumps(st, indent=1) + "\n")
+        _wait_ready(st, t)
+    return _host_from_state(st, started=host.started)
+
+
 def _maybe_stop_shared() -> None:
     if not any(_is_running(st) for st in _all_states().values()):
         _stop_proxy()

@@ -50,6 +50,19 @@ def test_syntax_and_lint_are_clean():
     assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-2000:]
 
 
+def cpu_mode_vars(path):
+    """The extra vars that converge site.yml in CPU mode on the test hosts."""
+    path.write_text(yaml.safe_dump({
+        "gpu_enabled": False,
+        "models_local_paths": local.model_paths(MODELS),
+        "common_metrics_cidrs": ["10.213.0.0/24"],
+        "common_ssh_cidrs": ["10.213.0.0/24"],
+        "common_https_cidrs": ["10.213.0.0/24"],
+        "monitoring_grafana_enabled": False,  # Grafana's repository is out of reach here
+    }))
+    return path
+
+
 @pytest.fixture(scope="module")
 def converged(test_hosts, tmp_path_factory):
     """Converge twice; the second run's recap is returned with the inventory."""
@@ -59,15 +72,7 @@ def converged(test_hosts, tmp_path_factory):
 
     ansible_inventory(test_hosts, inventory, groups={"gpu_hosts": ["gpu1"],
                                                      "monitoring": ["gpu1"]})
-    extra = tmp / "cpu-mode.yml"
-    extra.write_text(yaml.safe_dump({
-        "gpu_enabled": False,
-        "models_local_paths": local.model_paths(MODELS),
-        "common_metrics_cidrs": ["10.213.0.0/24"],
-        "common_ssh_cidrs": ["10.213.0.0/24"],
-        "common_https_cidrs": ["10.213.0.0/24"],
-        "monitoring_grafana_enabled": False,  # Grafana's repository is out of reach here
-    }))
+    extra = cpu_mode_vars(tmp / "cpu-mode.yml")
     first = playbook(inventory, extra)
     (tmp / "first.log").write_text(first.stdout + first.stderr)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]

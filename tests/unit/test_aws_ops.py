@@ -40,6 +40,7 @@ def paths(tmp_path, monkeypatch):
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.setattr(aws_ops, "KNOWN_HOSTS", tmp_path / "known_hosts")
+    monkeypatch.setattr(aws_ops, "GRAFANA_PASSWORD", tmp_path / "local" / "grafana-admin-password")
     # no credentials from the machine running the tests, and no metadata-service probe
     for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY"):
@@ -164,6 +165,7 @@ def test_inventory_finds_hosts_by_tags_when_terraform_has_no_state(paths, aws, m
         assert host["ansible_host"] == made["ip"]
         assert host["aws_instance_id"] == made["id"]
         assert host["aws_models_volume_id"] == made["volume"]
+        assert host["models_volume_device"] == aws_ops.volume_device(made["volume"])
         assert host["aws_instance_type"] == "g5.xlarge"
         assert host["aws_private_ip"].startswith("10.42.0.")
     ids = {h["aws_instance_id"] for h in group["hosts"].values()}
@@ -211,6 +213,61 @@ def test_inventory_prefers_terraform_outputs(paths, capsys):
     assert paths.run("endpoint") == 0 and paths.run("endpoint", "--tls") == 0
     assert capsys.readouterr().out.split() == [
         "https://ec2-198-51-100-10.compute-1.amazonaws.com", "self-signed"]
+
+
+def _terraform_says(paths, outputs: dict) -> None:
+    paths.tool("terraform", f"""\
+        case "$*" in *"output -json"*) cat <<'EOF'
+        {json.dumps(outputs)}
+        EOF
+        ;; *) exit 1 ;; esac
+        """)
+
+
+MODELS_ROLE_OPTIONS = yaml.safe_load(
+    (aws_ops.ROOT / "ansible/roles/models/meta/argument_specs.yml").read_text()
+)["argument_specs"]["main"]["options"]
+
+
+def test_models_volume_maps_to_its_stable_nvme_path(paths):
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+
+    host = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]["hosts"][
+        "llm-gpu-0"]
+    # the models role's own variable, so the role formats and mounts that very disk
+    assert "models_volume_device" in MODELS_ROLE_OPTIONS
+    assert host["models_volume_device"] == (
+        "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0")
+    assert host["aws_models_volume_id"] == "vol-0123456789abcdef0"
+
+
+@pytest.mark.parametrize("bad", ["vol0123456789abcdef0", "vol-xyz", "/dev/nvme1n1", ""])
+def test_a_volume_id_that_is_not_one_is_refused(bad):
+    with pytest.raises(aws_ops.OpsError):
+        aws_ops.volume_device(bad)
+
+
+def test_model_bucket_becomes_the_models_s3_cache(paths):
+    url = "s3://llm-models-20250101000000000000000001/hf-cache"
+    _terraform_says(paths, {**TF_OUTPUTS,
+                            "model_bucket_name": {"value": "llm-models-20250101000000000000000001"},
+                            "model_cache_url": {"value": url}})
+    assert paths.run("inventory") == 0
+
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    assert "models_s3_cache" in MODELS_ROLE_OPTIONS
+    assert group["vars"]["models_s3_cache"] == url
+    assert aws_ops.read_inventory(paths.out).model_cache_url == url
+
+
+def test_no_bucket_leaves_the_cache_off(paths):
+    _terraform_says(paths, TF_OUTPUTS)  # model_bucket_name null, no model_cache_url
+    assert paths.run("inventory") == 0
+
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    # absent, so the role's default (no cache) applies
+    assert "models_s3_cache" not in group["vars"]
 
 
 def test_inventory_from_terraform_without_state_says_what_to_do(paths, capsys):
@@ -644,6 +701,55 @@ def test_ansible_reads_the_written_inventory(paths):
     host = seen["_meta"]["hostvars"]["llm-gpu-0"]
     assert host["ansible_host"] == "127.0.0.1" and host["ansible_user"] == "ubuntu"
     assert host["aws_instance_id"] == "i-0123456789abcdef0"
+    assert host["models_volume_device"].endswith("_vol0123456789abcdef0")
+
+
+# ---- Grafana's admin password ------------------------------------------------------------------
+
+
+def test_inventory_makes_grafana_password_once_and_keeps_it_out_of_the_inventory(paths, capsys):
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+    stored = aws_ops.GRAFANA_PASSWORD
+    password = stored.read_text().strip()
+    assert len(password) >= 20
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert capsys.readouterr().out.count(password) == 1  # shown once
+    assert password not in paths.out.read_text()
+
+    assert paths.run("inventory") == 0  # again: same password, not shown again
+    assert stored.read_text().strip() == password
+    assert password not in capsys.readouterr().out
+
+
+def test_an_emptied_password_file_is_a_clear_error(paths, capsys):
+    _terraform_says(paths, TF_OUTPUTS)
+    aws_ops.GRAFANA_PASSWORD.parent.mkdir(parents=True)
+    aws_ops.GRAFANA_PASSWORD.write_text("\n")
+    assert paths.run("inventory") == 2
+    assert "grafana-admin-password is empty" in capsys.readouterr().err
+
+
+def test_ansible_gets_the_stored_grafana_password_on_the_monitoring_host(paths):
+    ansible = Path(sys.executable).parent / "ansible"
+    _terraform_says(paths, TF_OUTPUTS)
+    assert paths.run("inventory") == 0
+    # the monitoring role's own variable, so its preflight finds the password set
+    options = yaml.safe_load((aws_ops.ROOT / "ansible/roles/monitoring/meta/argument_specs.yml")
+                             .read_text())["argument_specs"]["main"]["options"]
+    assert "monitoring_grafana_admin_password" in options
+    # debug runs on the controller: no connection to the (fake) host is made
+    proc = subprocess.run(
+        [str(ansible), "monitoring", "-i", str(paths.out), "-m", "ansible.builtin.debug",
+         "-a", "var=monitoring_grafana_admin_password", "--one-line"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PATH": "/usr/bin:/bin", "ANSIBLE_NOCOLOR": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    host, _, result = proc.stdout.partition(" | SUCCESS => ")
+    assert host == "llm-gpu-0", proc.stdout
+    result = json.loads(result)
+    assert result["monitoring_grafana_admin_password"] == (
+        aws_ops.GRAFANA_PASSWORD.read_text().strip())
 
 
 def test_status_asks_for_the_units_the_roles_start():

@@ -247,3 +247,31 @@ def test_grafana_ini_listens_on_the_knob_and_quotes_the_password():
     assert "http_addr = 127.0.0.1" in lines
     assert "http_port = 3000" in lines
     assert 'admin_password = """p;a#ss"""' in lines
+
+
+def _tasks_in_order(tasks: list) -> list[dict]:
+    """Tasks of a task file in run order, blocks flattened."""
+    out = []
+    for task in tasks or []:
+        if "block" in task:
+            out += _tasks_in_order(task["block"])
+        else:
+            out.append(task)
+    return out
+
+
+def test_deb822_repository_runs_only_after_python3_debian_is_installed():
+    # the module needs python3-debian on the host; Ubuntu's cloud images do not have it
+    users = 0
+    for path in sorted(ROLES.glob("*/tasks/*.yml")):
+        tasks = _tasks_in_order(load_yaml(path))
+        for i, task in enumerate(tasks):
+            if not any(k in task for k in ("ansible.builtin.deb822_repository",
+                                           "deb822_repository")):
+                continue
+            users += 1
+            before = [t.get("ansible.builtin.apt", {}) for t in tasks[:i]]
+            names = [n for apt in before for n in
+                     ([apt["name"]] if isinstance(apt.get("name"), str) else apt.get("name", []))]
+            assert "python3-debian" in names, f"{path.relative_to(ROOT)}: {task['name']}"
+    assert users >= 1  # Grafana's repository

@@ -41,7 +41,7 @@ data "aws_ami" "this" {
 
 data "aws_partition" "current" {}
 
-# ---- identity: SSM for break-glass access, the model bucket read-only -----------------------
+# ---- identity: SSM for break-glass access, the model bucket as a shared weights cache ------
 
 resource "aws_iam_role" "this" {
   name_prefix = "${var.name}-gpu-host-"
@@ -60,18 +60,32 @@ resource "aws_iam_role_policy_attachment" "ssm" {
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonSSMManagedInstanceCore"
 }
 
-resource "aws_iam_role_policy" "model_bucket_read" {
+# The models role's fetcher (models_s3_cache) reads a pinned revision from the bucket, or fetches
+# it from the hub and uploads it for the other hosts. Reads anywhere in the bucket; writes under
+# the cache prefix only, and never deletes (the bucket is versioned: an overwrite keeps the old
+# version). ListBucket makes a missing manifest a 404 (a cache miss) instead of a 403.
+resource "aws_iam_role_policy" "model_bucket_cache" {
   count = var.enable_model_bucket_access ? 1 : 0
 
-  name = "read-model-bucket"
+  name = "model-bucket-cache"
   role = aws_iam_role.this.id
   policy = jsonencode({
     Version = "2012-10-17"
     Statement = [
       { Effect = "Allow", Action = ["s3:ListBucket", "s3:GetBucketLocation"], Resource = var.model_bucket_arn },
       { Effect = "Allow", Action = ["s3:GetObject", "s3:GetObjectVersion"], Resource = "${var.model_bucket_arn}/*" },
+      {
+        Effect   = "Allow"
+        Action   = ["s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"]
+        Resource = "${var.model_bucket_arn}/${var.model_bucket_write_prefix}/*"
+      },
     ]
   })
+}
+
+moved {
+  from = aws_iam_role_policy.model_bucket_read
+  to   = aws_iam_role_policy.model_bucket_cache
 }
 
 resource "aws_iam_instance_profile" "this" {

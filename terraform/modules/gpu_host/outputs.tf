@@ -33,3 +33,8 @@ output "iam_role_name" {
   description = "Name of the hosts' IAM role, to attach more policies from outside."
   value       = aws_iam_role.this.name
 }
+
+output "model_cache_url" {
+  description = "s3://<bucket>/<prefix> the hosts may read and write as the models role's cache (models_s3_cache), or null without bucket access."
+  value       = var.enable_model_bucket_access ? "s3://${element(split(":", var.model_bucket_arn), 5)}/${var.model_bucket_write_prefix}" : null
+}

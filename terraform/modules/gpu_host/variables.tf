@@ -120,17 +120,28 @@ variable "models_volume_size_gb" {
 
 variable "enable_model_bucket_access" {
   type        = bool
-  description = "Grant the hosts read-only access to model_bucket_arn."
+  description = "Grant the hosts read access to model_bucket_arn, and write access under model_bucket_write_prefix (the shared weights cache)."
   default     = false
 }
 
 variable "model_bucket_arn" {
   type        = string
-  description = "ARN of the S3 model-cache bucket the hosts may read; used when enable_model_bucket_access is true."
+  description = "ARN of the S3 model-cache bucket the hosts use; used when enable_model_bucket_access is true."
   default     = null
 
   validation {
     condition     = !var.enable_model_bucket_access || var.model_bucket_arn != null
     error_message = "model_bucket_arn must be set when enable_model_bucket_access is true."
+  }
+}
+
+variable "model_bucket_write_prefix" {
+  type        = string
+  description = "Key prefix (no leading or trailing slash) under which the hosts may upload to the model bucket: the models role's S3 cache lives there (models_s3_cache = s3://<bucket>/<prefix>)."
+  default     = "hf-cache"
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$", var.model_bucket_write_prefix))
+    error_message = "model_bucket_write_prefix must be lowercase path segments separated by single slashes, without a leading or trailing slash, e.g. hf-cache."
   }
 }

@@ -51,7 +51,12 @@ mock_resource "aws_acm_certificate" {
 }
 
 mock_resource "aws_s3_bucket" {
-  defaults = { arn = "arn:aws:s3:::llm-models-20250101000000000000000001" }
+  # name and ARN agree, as in AWS (the hosts' cache URL is built from the ARN)
+  defaults = {
+    id     = "llm-models-20250101000000000000000001"
+    bucket = "llm-models-20250101000000000000000001"
+    arn    = "arn:aws:s3:::llm-models-20250101000000000000000001"
+  }
 }
 
 mock_resource "aws_cloudwatch_log_group" {
