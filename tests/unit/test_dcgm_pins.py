@@ -33,7 +33,8 @@ def apt_names(**overrides) -> list[str]:
     """The `name:` list of the role's apt task, as Ansible renders it."""
     values = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     values.update(yaml.safe_load((ROLE / "vars" / "main.yml").read_text()))
-    values.update(gpu_enabled=True, **overrides)
+    # the CUDA major the driver reports (driver 580: 13), which preflight reads from nvidia-smi
+    values.update(gpu_enabled=True, dcgm_exporter_cuda_major=13, **overrides)
     tasks = yaml.safe_load((ROLE / "tasks" / "install.yml").read_text())
     apt = next(t["ansible.builtin.apt"] for t in tasks if "ansible.builtin.apt" in t)
     templar = Templar(loader=DataLoader(), variables=_trusted(values))
@@ -47,8 +48,8 @@ def pins(names: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize("given", ["4.5.3-1", "1:4.5.3-1"])
 def test_a_dcgm_pin_names_the_version_apt_has(given):
     got = pins(apt_names(dcgm_exporter_dcgm_version=given))
-    assert got == {"datacenter-gpu-manager-4-cuda12": REPO_VERSION,
-                   "datacenter-gpu-manager-4-proprietary-cuda12": REPO_VERSION}
+    assert got == {"datacenter-gpu-manager-4-cuda13": REPO_VERSION,
+                   "datacenter-gpu-manager-4-proprietary-cuda13": REPO_VERSION}
 
 
 def test_the_pinned_version_equals_the_repository_version_for_dpkg():
@@ -70,8 +71,8 @@ def test_a_wildcard_pin_matches_the_repository_version():
 
 
 def test_no_pin_installs_the_newest():
-    assert apt_names() == ["datacenter-gpu-manager-4-cuda12",
-                           "datacenter-gpu-manager-4-proprietary-cuda12",
+    assert apt_names() == ["datacenter-gpu-manager-4-cuda13",
+                           "datacenter-gpu-manager-4-proprietary-cuda13",
                            "datacenter-gpu-manager-exporter"]
 
 

@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 
 from stack import declaration, vllm_lock
@@ -114,7 +115,8 @@ def documented_differences() -> set[str]:
 
 
 def role_vars(gpu: bool) -> dict:
-    return resolve({**role_defaults("vllm"), "vllm_gpu_enabled": gpu})
+    internals = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    return resolve({**role_defaults("vllm"), **internals, "vllm_gpu_enabled": gpu})
 
 
 def rendered(gpu: bool, model: declaration.ModelSpec) -> tuple[str, str]:
@@ -254,9 +256,6 @@ def test_a_misspelled_flag_is_caught(release_help):
 MIN_DRIVER_BRANCH = {12: 525, 13: 580}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "torch 2.13.0 (vLLM 0.32.0) is built for CUDA 13, which needs driver branch 580 or later; "
-    "the nvidia_driver role pins 570. Remove this marker once nvidia_driver_branch is raised."))
 def test_the_pinned_driver_runs_the_pinned_cuda():
     gpu = vllm_lock.read_pins(ROLE / "files" / "constraints-gpu.txt")
     cuda_major = int(gpu["nvidia-cuda-runtime"].split(".")[0])
