@@ -72,7 +72,9 @@ class RateLimitConfig(_Strict):
 
 class ReadyConfig(_Strict):
     timeout_s: float = Field(default=2.0, gt=0, description="deadline of each backend /health")
-    cache_s: float = Field(default=1.0, ge=0, description="reuse a /ready answer this long")
+    interval_s: float = Field(
+        default=2.0, gt=0, description="check every backend's /health this often, in the background"
+    )
     deep_probe: bool = Field(
         default=False, description="also send a one-token completion to each generative model"
     )
@@ -85,7 +87,19 @@ class ReadyConfig(_Strict):
 class GatewayConfig(_Strict):
     keys_file: Path = Field(description="hashed API keys (python -m app.keys manages it)")
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    drain_notice_s: float = Field(
+        default=5.0, ge=0,
+        description="after SIGTERM, /ready answers 503 this long while requests are still "
+        "served, so load balancers take the host out before the listener closes",
+    )
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace for streams")
+    # Longer than nginx's upstream keepalive_timeout (60 s) so that nginx, not the gateway,
+    # closes idle connections and never sends on one the gateway is closing. uvicorn's
+    # httptools protocol offers no header-read timeout nor header size or count limits:
+    # nginx enforces those in front (client_header_timeout, large_client_header_buffers).
+    keepalive_timeout_s: int = Field(
+        default=75, gt=0, description="close an idle keep-alive connection after this long"
+    )
     rate_limit: RateLimitConfig = RateLimitConfig()
     ready: ReadyConfig = ReadyConfig()
     models: list[ModelRoute] = Field(min_length=1)

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from app import health, routes, schemas
 from app.config import GatewayConfig, config_path_from_env, load_config
 from app.errors import error_response
-from app.health import Readiness
+from app.health import HealthMonitor
 from app.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -30,14 +30,16 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await gw.start()
+        await monitor.start()
         log.info("gateway started with models %s", [m.name for m in config.models])
         yield
+        await monitor.stop()
         await gw.stop()
 
     app = FastAPI(title="LLM gateway", version="0.1.0", lifespan=lifespan, docs_url=None,
                   redoc_url=None, summary="OpenAI-compatible front door to vLLM")
     app.state.gw = gw
-    app.state.readiness = Readiness(gw)
+    app.state.health = monitor = HealthMonitor(gw)
     app.include_router(routes.router)
     app.include_router(health.router)
 

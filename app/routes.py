@@ -23,7 +23,7 @@ from app.errors import ApiError, bad_request, error_body, unauthorized
 from app.keys import KeyRecord
 from app.limits import Budget, LimiterUnavailable
 from app.logs import log_request
-from app.state import Gateway
+from app.state import Gateway, ShuttingDown
 from app.upstream import Backend, BackendError, BackendTimeout, backend_error_body
 
 router = APIRouter()
@@ -264,6 +264,9 @@ async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
         raise ApiError(404, f"model '{public}' does not exist; GET /v1/models lists yours",
                        "invalid_request_error", "model_not_found", "model")
     ex.model, ex.backend = public, backend
+    if not backend.up:
+        raise ApiError(503, f"model '{public}' is unavailable right now; retry later",
+                       "service_unavailable", "backend_unavailable", headers={"retry-after": "5"})
     if not ex.key.allows(public):
         raise ApiError(403, f"this key may not use model '{public}'",
                        "permission_error", "model_not_allowed", "model")
@@ -409,11 +412,13 @@ class SseRelay:
             if served != ex.model else None
         self.chunks = 0
         self.closed = False
+        ex.gw.streams.add(resp)  # so the drain deadline can end it with an error event
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.ex.gw.streams.discard(self.resp)
         # closing (not releasing) the connection is what makes vLLM abort the generation
         if not self.resp.closed:
             self.resp.close()
@@ -461,6 +466,10 @@ class SseRelay:
                     yield b"".join(out)
             if buf:
                 yield buf
+        except ShuttingDown:
+            ex.status, ex.error = 503, "gateway_shutting_down"
+            yield b"data: " + error_body("the gateway is shutting down; retry the request",
+                                         "service_unavailable", ex.error) + b"\n\n"
         except (TimeoutError, aiohttp.ClientError) as e:
             kind = "timeout" if isinstance(e, TimeoutError) else "stream"
             ex.gw.metrics.backend_errors.labels(ex.model, kind).inc()

@@ -57,6 +57,7 @@ def start_gateway(folder: Path, config: dict, keys: dict[str, list[str]],
     folder.mkdir(parents=True, exist_ok=True)
     keys_file = folder / "keys.json"
     made = {name: create_key(keys_file, name, *flags) for name, flags in keys.items()}
+    keys_file.touch()  # the installer's empty file when no key was made (missing stops it)
     cfg_path = folder / "gateway.yml"
     cfg_path.write_text(yaml.safe_dump({"keys_file": str(keys_file), **config}))
     port = free_port()
