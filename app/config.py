@@ -75,6 +75,9 @@ class ReadyConfig(_Strict):
     interval_s: float = Field(
         default=2.0, gt=0, description="check every backend's /health this often, in the background"
     )
+    down_after: int = Field(
+        default=2, ge=1, description="consecutive failed checks before a model counts as down"
+    )
     deep_probe: bool = Field(
         default=False, description="also send a one-token completion to each generative model"
     )

@@ -28,6 +28,7 @@ class HealthMonitor:
         self.gw = gw
         self.results: dict[str, dict] = {}
         self._deep: dict[str, tuple[float, bool, str]] = {}
+        self._fails: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
@@ -60,6 +61,11 @@ class HealthMonitor:
                 ok, probe_detail = await backend.probe(cfg.deep_probe_timeout_s)
                 last = self._deep[name] = (now, ok, probe_detail)
             up, detail = last[1], last[2]
+        fails = self._fails[name] = 0 if up else self._fails.get(name, 0) + 1
+        # A busy engine can miss one deadline; calling it down would turn away every request
+        # for an interval. With no earlier result (at start) the first one counts.
+        if not up and fails < cfg.down_after and name in self.results:
+            return
         if up != backend.up:
             log.log(logging.INFO if up else logging.WARNING, "model %s is %s: %s", name,
                     "up" if up else "down", detail)
