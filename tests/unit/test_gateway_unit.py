@@ -5,6 +5,7 @@ covers the notice and drain periods, a config the app accepts."""
 from __future__ import annotations
 
 import configparser
+import re
 from pathlib import Path
 
 import jinja2
@@ -58,3 +59,11 @@ def test_the_rendered_config_is_one_the_gateway_accepts(tmp_path):
     assert loaded.drain_notice_s == 7
     assert loaded.drain_timeout_s == values["gateway_drain_timeout_s"]
     assert [m.name for m in loaded.models] == [m["name"] for m in DECLARED]
+
+
+def test_the_default_notice_outlasts_the_load_balancers_detection():
+    tf = (ROOT / "terraform/modules/load_balancer/main.tf").read_text()
+    check = re.search(r"health_check \{(.*?)\n  \}", tf, re.S).group(1)
+    interval = int(re.search(r"\binterval\s*=\s*(\d+)", check).group(1))
+    failures = int(re.search(r"\bunhealthy_threshold\s*=\s*(\d+)", check).group(1))
+    assert gateway_vars()["gateway_drain_notice_s"] > interval * failures
