@@ -185,7 +185,7 @@ def read_records(path: Path, missing_ok: bool = True) -> list[KeyRecord]:
         raise KeyStoreError(f"keys file {path} does not exist (an empty file means no keys)")\
             from None
     except OSError as e:
-        raise KeyStoreError(f"keys file {path} cannot be read: {e.strerror}") from None
+        raise KeyStoreError(f"keys file {path} cannot be read: {e.strerror or e}") from None
     try:
         return parse_records(text)
     except json.JSONDecodeError as e:
