@@ -237,7 +237,7 @@ class KeyStore:
     def _stat(self) -> tuple | None:
         try:
             st = self.path.stat()
-        except FileNotFoundError:
+        except OSError:  # missing or unreachable: reading it says which, and is refused
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 

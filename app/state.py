@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import aiohttp
 
@@ -12,6 +13,8 @@ from app.keys import KeyStore
 from app.limits import Limiter, make_limiter
 from app.metrics import Metrics
 from app.upstream import Backend
+
+log = logging.getLogger("gateway")
 
 
 class ShuttingDown(Exception):
@@ -46,7 +49,10 @@ class Gateway:
         # requests re-read the file too, but a bad file must be reported when none come
         while True:
             await asyncio.sleep(self.keys.recheck_s)
-            self.keys.check()
+            try:
+                self.keys.check()
+            except Exception:
+                log.exception("checking the keys file failed unexpectedly")
 
     def end_streams(self) -> None:
         """The drain deadline: every open stream ends with an error event, not a cut."""

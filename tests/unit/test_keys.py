@@ -223,3 +223,18 @@ def test_a_bad_file_at_reload_keeps_the_last_good_set_and_says_so(tmp_path, caps
     path.write_text(good)  # the backup restored
     store.authenticate(key)
     assert seen == [False, True]
+
+
+def test_a_keys_folder_that_cannot_be_searched_is_a_refused_reload_not_an_error(tmp_path,
+                                                                               capsys):
+    path, key = _one_key(tmp_path, capsys)
+    seen = []
+    store = KeyStore(path, recheck_s=0, must_exist=True, on_reload=seen.append)
+    # what a stat of a file in a folder the service user may not enter raises
+    with pytest.MonkeyPatch.context() as mp:
+        def denied(self, *a, **kw):
+            raise PermissionError(13, "Permission denied")
+        mp.setattr(type(path), "stat", denied)
+        mp.setattr(type(path), "read_text", denied)
+        assert store.authenticate(key) is not None  # the last good set, not a crash
+    assert seen == [False]
