@@ -67,3 +67,11 @@ def test_the_default_notice_outlasts_the_load_balancers_detection():
     interval = int(re.search(r"\binterval\s*=\s*(\d+)", check).group(1))
     failures = int(re.search(r"\bunhealthy_threshold\s*=\s*(\d+)", check).group(1))
     assert gateway_vars()["gateway_drain_notice_s"] > interval * failures
+
+
+def test_local_mode_has_no_load_balancer_to_wait_for():
+    from stack import declaration, local
+
+    rendered = local.render("ansible/roles/gateway/templates/gateway.yml.j2",
+                            local.variables(declaration.load()))
+    assert yaml.safe_load(rendered)["drain_notice_s"] == 0
