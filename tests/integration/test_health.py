@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from tests.conftest import start_fake_backend
 from tests.support.gateway import start_gateway
@@ -27,6 +28,21 @@ def test_ready_reports_each_model_and_ignores_optional_ones(gateway):
     assert 'gateway_backend_up{model="ghost"} 0.0' in gateway.metrics()
 
 
+@pytest.fixture
+def stand_ins(tmp_path):
+    """Start stand-in backends; each is stopped at the end, whatever happened."""
+    started = []
+
+    def start(name: str, **kw):
+        b = start_fake_backend(tmp_path, name, **kw)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.proc.stop()
+
+
 def _up_metric(gw, model: str) -> str | None:
     for line in gw.metrics().splitlines():
         if line.startswith(f'gateway_backend_up{{model="{model}"}}'):
@@ -38,8 +54,9 @@ def _ready(gw) -> httpx.Response:
     return httpx.get(gw.url + "/ready")
 
 
-def test_a_stopped_backend_is_marked_down_by_itself_and_its_requests_get_503(tmp_path):
-    backend = start_fake_backend(tmp_path, "solo")
+def test_a_stopped_backend_is_marked_down_by_itself_and_its_requests_get_503(
+        tmp_path, stand_ins):
+    backend = stand_ins("solo")
     port = int(backend.url.rsplit(":", 1)[1])
     gw = start_gateway(tmp_path / "gw", {
         "models": [{"name": "solo", "backend": backend.url}], "ready": {"interval_s": 0.2}},
@@ -56,16 +73,16 @@ def test_a_stopped_backend_is_marked_down_by_itself_and_its_requests_get_503(tmp
         r = _ready(gw)
         assert r.status_code == 503
         assert r.json()["status"] == "not_ready" and r.json()["down"] == ["solo"]
-        backend = start_fake_backend(tmp_path, "solo", port=port)
+        stand_ins("solo", port=port)
         wait_until(lambda: _ready(gw).status_code == 200, what="/ready recovering")
         assert _up_metric(gw, "solo") == "1.0"
     finally:
         gw.stop()
-        backend.proc.stop()
 
 
-def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(tmp_path):
-    backend = start_fake_backend(tmp_path, "stuck")
+def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(
+        tmp_path, stand_ins):
+    backend = stand_ins("stuck")
     gw = start_gateway(tmp_path / "gw", {
         "models": [{"name": "stuck", "backend": backend.url}],
         "ready": {"interval_s": 0.2, "deep_probe": True, "deep_probe_timeout_s": 0.5,
@@ -91,11 +108,11 @@ def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(tmp_path):
         wait_until(lambda: _ready(gw).status_code == 200, what="/ready recovering")
     finally:
         gw.stop()
-        backend.proc.stop()
 
 
-def test_deep_probes_cost_one_generation_per_interval_however_often_ready_is_asked(tmp_path):
-    backend = start_fake_backend(tmp_path, "calm")
+def test_deep_probes_cost_one_generation_per_interval_however_often_ready_is_asked(
+        tmp_path, stand_ins):
+    backend = stand_ins("calm")
     gw = start_gateway(tmp_path / "gw", {
         "models": [{"name": "calm", "backend": backend.url}],
         "ready": {"interval_s": 0.1, "deep_probe": True, "deep_probe_interval_s": 3600},
@@ -106,7 +123,6 @@ def test_deep_probes_cost_one_generation_per_interval_however_often_ready_is_ask
         assert backend.stats()["requests"] == 1  # the probe at start, reused since
     finally:
         gw.stop()
-        backend.proc.stop()
 
 
 def test_bad_config_stops_the_process_with_the_field_named(tmp_path):
