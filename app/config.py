@@ -76,7 +76,12 @@ class RateLimitConfig(_Strict):
 
 class ReadyConfig(_Strict):
     timeout_s: float = Field(default=2.0, gt=0, description="deadline of each backend /health")
-    cache_s: float = Field(default=1.0, ge=0, description="reuse a /ready answer this long")
+    interval_s: float = Field(
+        default=2.0, gt=0, description="check every backend's /health this often, in the background"
+    )
+    down_after: int = Field(
+        default=2, ge=1, description="consecutive failed checks before a model counts as down"
+    )
     deep_probe: bool = Field(
         default=False, description="also send a one-token completion to each generative model"
     )
@@ -92,7 +97,19 @@ class GatewayConfig(_Strict):
     max_response_bytes: int = Field(
         default=64 << 20, gt=0,
         description="largest non-streaming backend answer held in memory (502 above it)")
+    drain_notice_s: float = Field(
+        default=5.0, ge=0,
+        description="after SIGTERM, /ready answers 503 this long while requests are still "
+        "served, so load balancers take the host out before the listener closes",
+    )
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace for streams")
+    # Longer than nginx's upstream keepalive_timeout (60 s) so that nginx, not the gateway,
+    # closes idle connections and never sends on one the gateway is closing. uvicorn's
+    # httptools protocol offers no header-read timeout nor header size or count limits:
+    # nginx enforces those in front (client_header_timeout, large_client_header_buffers).
+    keepalive_timeout_s: int = Field(
+        default=75, gt=0, description="close an idle keep-alive connection after this long"
+    )
     rate_limit: RateLimitConfig = RateLimitConfig()
     ready: ReadyConfig = ReadyConfig()
     models: list[ModelRoute] = Field(min_length=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import orjson
@@ -13,19 +14,44 @@ from starlette.responses import Response
 from app.state import Gateway
 
 router = APIRouter()
+log = logging.getLogger("gateway.health")
 
 
-class Readiness:
-    """Backend checks, cached briefly so load-balancer polling never multiplies into backend
-    load; the deep probe costs a real generation, so it has its own, longer interval."""
+class HealthMonitor:
+    """Checks every backend on its own timer, whether or not anyone asks: /ready, the
+    `gateway_backend_up` metric and each Backend's `up` (the request path's fast 503) read
+    the latest result. Load-balancer polling therefore never multiplies into backend load.
+    The deep probe costs a real generation, so it has its own, longer interval; a failed
+    probe is repeated on the next round so recovery shows quickly."""
 
     def __init__(self, gw: Gateway):
         self.gw = gw
-        self._shallow: tuple[float, dict] | None = None
+        self.results: dict[str, dict] = {}
         self._deep: dict[str, tuple[float, bool, str]] = {}
-        self._lock = asyncio.Lock()
+        self._fails: dict[str, int] = {}
+        self._tasks: list[asyncio.Task] = []
 
-    async def _check(self, name: str) -> dict:
+    async def start(self) -> None:
+        # one round before serving, so the first /ready already tells the truth
+        await asyncio.gather(*(self.check(n) for n in self.gw.backends))
+        self._tasks = [asyncio.create_task(self._loop(n), name=f"health:{n}")
+                       for n in self.gw.backends]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _loop(self, name: str) -> None:
+        # one loop per backend: a slow probe of one model never delays another's check
+        while True:
+            await asyncio.sleep(self.gw.config.ready.interval_s)
+            try:
+                await self.check(name)
+            except Exception:
+                log.exception("health check of %s failed unexpectedly", name)
+
+    async def check(self, name: str) -> None:
         cfg, backend = self.gw.config.ready, self.gw.backends[name]
         up, detail = await backend.health(cfg.timeout_s)
         if up and cfg.deep_probe:
@@ -35,20 +61,18 @@ class Readiness:
                 ok, probe_detail = await backend.probe(cfg.deep_probe_timeout_s)
                 last = self._deep[name] = (now, ok, probe_detail)
             up, detail = last[1], last[2]
+        fails = self._fails[name] = 0 if up else self._fails.get(name, 0) + 1
+        # A busy engine can miss one deadline; calling it down would turn away every request
+        # for an interval. With no earlier result (at start) the first one counts.
+        if not up and fails < cfg.down_after and name in self.results:
+            return
+        if up != backend.up:
+            log.log(logging.INFO if up else logging.WARNING, "model %s is %s: %s", name,
+                    "up" if up else "down", detail)
+        backend.up = up
         self.gw.metrics.backend_up.labels(name).set(1 if up else 0)
-        return {"status": "up" if up else "down", "required": backend.route.required,
-                "detail": detail}
-
-    async def models(self) -> dict:
-        async with self._lock:
-            now = time.monotonic()
-            if self._shallow and now - self._shallow[0] < self.gw.config.ready.cache_s:
-                return self._shallow[1]
-            names = list(self.gw.backends)
-            results = await asyncio.gather(*(self._check(n) for n in names))
-            models = dict(zip(names, results, strict=True))
-            self._shallow = (time.monotonic(), models)
-            return models
+        self.results[name] = {"status": "up" if up else "down",
+                              "required": backend.route.required, "detail": detail}
 
 
 def _json(data: dict, status: int = 200) -> Response:
@@ -66,7 +90,7 @@ async def ready(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
     if gw.draining:
         return _json({"status": "draining", "models": {}}, 503)
-    models = await request.app.state.readiness.models()
+    models = request.app.state.health.results
     down = [n for n, m in models.items() if m["required"] and m["status"] != "up"]
     return _json({"status": "not_ready" if down else "ready", "down": down, "models": models},
                  503 if down else 200)

@@ -15,16 +15,20 @@ import argparse
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from app.config import ConfigError, config_path_from_env, load_config
+
+log = logging.getLogger("gateway.keys")
 
 KEY_PREFIX = "sk-"
 ID_LEN = 12
@@ -110,23 +114,84 @@ def issue_key(records: list[KeyRecord], name: str, models: list[str], rpm: int, 
     return key
 
 
-def read_records(path: Path) -> list[KeyRecord]:
+_HEX = frozenset("0123456789abcdef")
+_FIELDS = {f for f in KeyRecord.__dataclass_fields__ if not f.startswith("_")}
+_REQUIRED = {"id", "name", "hash", "models", "rpm", "tpm", "max_concurrency", "created_at"}
+
+
+def _check_record(i: int, r: object) -> KeyRecord:
+    """One record, every field type- and range-checked. Messages name the record and the field
+    but never echo a value: a hash has no business in a log line."""
+    if not isinstance(r, dict):
+        raise ValueError(f"keys[{i}] is not an object")
+    where = f"keys[{i}]" + (f" ({r['name']!r})" if isinstance(r.get("name"), str) else "")
+    if unknown := sorted(set(r) - _FIELDS):
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+    if missing := sorted(_REQUIRED - set(r)):
+        raise ValueError(f"{where}: field {missing[0]!r} is missing")
+
+    def bad(field: str, want: str) -> ValueError:
+        return ValueError(f"{where}.{field}: must be {want} (got {type(r[field]).__name__})")
+
+    if not (isinstance(r["id"], str) and len(r["id"]) == ID_LEN and set(r["id"]) <= _HEX):
+        raise bad("id", f"{ID_LEN} lowercase hex characters")
+    if not (isinstance(r["hash"], str) and len(r["hash"]) == 64 and set(r["hash"]) <= _HEX):
+        raise bad("hash", "a SHA-256 hex digest")
+    if not (isinstance(r["name"], str) and r["name"]):
+        raise bad("name", "a non-empty string")
+    # a string here would grant by substring ('text2sql' in 'sql'), hence the strict list
+    models = r["models"]
+    if not (isinstance(models, list) and models
+            and all(isinstance(m, str) and m for m in models)):
+        raise bad("models", "a non-empty list of model names")
+    for f in ("rpm", "tpm", "max_concurrency"):
+        if not (type(r[f]) is int and r[f] >= 1):  # bool is an int subclass: refuse it too
+            raise bad(f, "an integer of at least 1")
+    for f in ("created_at", "expires_at", "revoked_at"):
+        value = r.get(f)
+        if value is None and f != "created_at":
+            continue
+        try:
+            _parse_ts(value)
+        except (TypeError, ValueError):
+            raise bad(f, "an ISO date-time") from None
+    return KeyRecord(**r)
+
+
+def parse_records(text: str) -> list[KeyRecord]:
+    """The records of a keys file's text; ValueError names the first fault."""
+    if not text.strip():
+        return []  # created empty by the installer: no keys yet
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise ValueError("expected an object with a 'keys' list")
+    if data.get("version", 1) != 1:
+        raise ValueError("unsupported 'version' (this gateway reads version 1)")
+    records = [_check_record(i, r) for i, r in enumerate(data["keys"])]
+    ids = [r.id for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two records share one id")
+    return records
+
+
+def read_records(path: Path, missing_ok: bool = True) -> list[KeyRecord]:
+    """The file's records. A missing file is an empty set for the CLI (its first `create`
+    makes it), but an error for the gateway (a wrong path would lock every client out)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return []
+        if missing_ok:
+            return []
+        raise KeyStoreError(f"keys file {path} does not exist (an empty file means no keys)")\
+            from None
     except OSError as e:
-        raise KeyStoreError(f"keys file {path} cannot be read: {e}") from None
-    if not text.strip():
-        return []  # created empty by the installer: no keys yet
+        raise KeyStoreError(f"keys file {path} cannot be read: {e.strerror or e}") from None
     try:
-        data = json.loads(text)
+        return parse_records(text)
     except json.JSONDecodeError as e:
-        raise KeyStoreError(f"keys file {path} cannot be read: {e}") from None
-    try:
-        return [KeyRecord(**r) for r in data["keys"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise KeyStoreError(f"keys file {path} is malformed ({e}); restore a backup") from None
+        raise KeyStoreError(f"keys file {path} cannot be read: not JSON ({e})") from None
+    except ValueError as e:
+        raise KeyStoreError(f"keys file {path} is malformed: {e}; restore a backup") from None
 
 
 def write_records(path: Path, records: list[KeyRecord]) -> None:
@@ -151,33 +216,64 @@ def write_records(path: Path, records: list[KeyRecord]) -> None:
 
 
 class KeyStore:
-    """What the gateway consults per request; re-reads the file when it changes."""
+    """What the gateway consults per request; re-reads the file when it changes.
 
-    def __init__(self, path: Path, recheck_s: float = 1.0):
+    A file that cannot be used at start raises KeyStoreError (the process must not serve with
+    a wrong key set). One that goes bad later is refused: the last good set stays in force, so
+    a revocation already applied stays applied, and `on_reload(ok)` tells the metrics.
+    """
+
+    def __init__(self, path: Path, recheck_s: float = 1.0, must_exist: bool = False,
+                 on_reload: Callable[[bool], None] | None = None):
         self.path = path
         self.recheck_s = recheck_s
+        self.must_exist = must_exist
+        self.on_reload = on_reload
         self._by_id: dict[str, KeyRecord] = {}
-        self._mtime: float | None = None
+        self._version: tuple | None = ()  # () = never read; None = the file was missing
         self._checked = 0.0
         self.reload()
 
-    def reload(self) -> None:
+    def _stat(self) -> tuple | None:
         try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
-            mtime = None
-        if mtime == self._mtime:
+            st = self.path.stat()
+        except OSError:  # missing or unreachable: reading it says which, and is refused
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reload(self) -> None:
+        """Read the file if it changed since the last attempt; KeyStoreError if it is bad
+        (the current set is then kept)."""
+        version = self._stat()
+        if version == self._version:
             return
-        self._by_id = {r.id: r for r in read_records(self.path)}
-        self._mtime = mtime
+        # remembered before reading: one bad version fails (and is reported) once, not on
+        # every recheck
+        self._version = version
+        self._by_id = {r.id: r for r in read_records(self.path, not self.must_exist)}
 
     def _maybe_reload(self, now: float) -> None:
-        if now - self._checked >= self.recheck_s:
-            self._checked = now
-            try:
-                self.reload()
-            except KeyStoreError:
-                pass  # keep serving the last good file; the CLI reports the bad one
+        if now - self._checked < self.recheck_s:
+            return
+        self._checked = now
+        before = self._version
+        try:
+            self.reload()
+        except KeyStoreError as e:
+            log.error("keys file not reloaded, keeping the last good set of %d keys: %s",
+                      len(self._by_id), e)
+            if self.on_reload:
+                self.on_reload(False)
+            return
+        if self._version != before:
+            log.info("keys file reloaded: %d keys", len(self._by_id))
+            if self.on_reload:
+                self.on_reload(True)
+
+    def check(self) -> None:
+        """Reload now if due; the gateway calls this on a timer so a bad file is reported
+        even when no request arrives."""
+        self._maybe_reload(time.time())
 
     def authenticate(self, key: str) -> KeyRecord | None:
         """The active record this key opens, or None."""

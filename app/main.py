@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from app import health, routes, schemas
 from app.config import GatewayConfig, config_path_from_env, load_config
 from app.errors import error_response
-from app.health import Readiness
+from app.health import HealthMonitor
 from app.state import Gateway
 
 log = logging.getLogger("gateway")
@@ -30,8 +30,10 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await gw.start()
+        await monitor.start()
         log.info("gateway started with models %s", [m.name for m in config.models])
         yield
+        await monitor.stop()
         await gw.stop()
 
     # no slash redirects: they would send clients to a URL built from their own Host header
@@ -39,7 +41,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
                   redoc_url=None, summary="OpenAI-compatible front door to vLLM",
                   redirect_slashes=False)
     app.state.gw = gw
-    app.state.readiness = Readiness(gw)
+    app.state.health = monitor = HealthMonitor(gw)
     app.include_router(routes.router)
     app.include_router(health.router)
 

@@ -42,3 +42,17 @@ class Metrics:
         self.limiter_errors = Counter(
             "gateway_ratelimit_store_errors", "Calls to the shared rate-limit store that failed",
             registry=r)
+        self.keys_reload_failures = Counter(
+            "gateway_keys_reload_failures",
+            "Changed keys files refused at reload (the last good set stayed in force)",
+            registry=r)
+        self.keys_last_reload_ok = Gauge(
+            "gateway_keys_last_reload_ok",
+            "1 when the keys file in force is the one on disk; 0 after a refused reload",
+            registry=r)
+        self.keys_last_reload_ok.set(1)  # the process does not start with a bad file
+
+    def keys_reloaded(self, ok: bool) -> None:
+        self.keys_last_reload_ok.set(1 if ok else 0)
+        if not ok:
+            self.keys_reload_failures.inc()

@@ -15,6 +15,7 @@ import orjson
 from starlette.responses import StreamingResponse
 
 from app.errors import error_body
+from app.state import ShuttingDown
 
 if TYPE_CHECKING:
     from app.routes import Exchange
@@ -53,8 +54,9 @@ class RelayResponse(StreamingResponse):
 
 
 class _Broken(Exception):
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, backend_fault: bool = True):
         self.status, self.code, self.message = status, code, message
+        self.backend_fault = backend_fault
 
 
 class SseRelay:
@@ -68,11 +70,13 @@ class SseRelay:
         self.deadline = ex.t0 + ex.backend.route.stream_max_s
         self.done = False
         self.closed = False
+        ex.gw.streams.add(resp)  # so the drain deadline can end it with an error event
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self.ex.gw.streams.discard(self.resp)
         # closing (not releasing) the connection is what makes vLLM abort the generation
         if not self.resp.closed:
             self.resp.close()
@@ -136,6 +140,9 @@ class SseRelay:
                 if not self.done:
                     raise _Broken(502, "backend_stream_broken",
                                   f"model '{ex.model}' ended the stream before it was complete")
+            except ShuttingDown:
+                raise _Broken(503, "gateway_shutting_down", "the gateway is shutting down; "
+                              "retry the request", backend_fault=False) from None
             except TimeoutError:
                 raise _Broken(504, "backend_timeout",
                               f"model '{ex.model}' stopped answering mid-stream") from None
@@ -143,9 +150,11 @@ class SseRelay:
                 raise _Broken(502, "backend_stream_broken",
                               f"model '{ex.model}' broke the stream") from None
         except _Broken as e:
-            ex.gw.metrics.backend_errors.labels(ex.model, e.code).inc()
+            if e.backend_fault:
+                ex.gw.metrics.backend_errors.labels(ex.model, e.code).inc()
             ex.status, ex.error = e.status, e.code
-            yield b"data: " + error_body(e.message, "api_error", e.code) + b"\n\n"
+            kind = "api_error" if e.backend_fault else "service_unavailable"
+            yield b"data: " + error_body(e.message, kind, e.code) + b"\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             ex.status, ex.error = CLIENT_CLOSED, "client_closed"
             raise

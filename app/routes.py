@@ -230,6 +230,9 @@ async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
     if not ex.key.allows(public):
         raise ApiError(403, f"this key may not use model '{public}'",
                        "permission_error", "model_not_allowed", "model")
+    if not backend.up:  # its last health check failed: answer at once, no connection attempt
+        raise ApiError(503, f"model '{public}' is unavailable right now; retry later",
+                       "service_unavailable", "backend_unavailable", headers={"retry-after": "5"})
     route = backend.route
     admission.check_task(ex.endpoint, route)
 

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+
 from app.config import GatewayConfig
 from app.keys import KeyStore
 from app.limits import Limiter, make_limiter
 from app.metrics import Metrics
 from app.upstream import Backend
 
+log = logging.getLogger("gateway")
+
+
+class ShuttingDown(Exception):
+    """Set on an open stream's backend reader when the drain deadline passes."""
+
 
 class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
-        self.keys = KeyStore(config.keys_file)
         self.metrics = Metrics()
+        # KeyStoreError here stops the process: it must not serve with a wrong key set
+        self.keys = KeyStore(config.keys_file, must_exist=True,
+                             on_reload=self.metrics.keys_reloaded)
         self.backends: dict[str, Backend] = {}
         self.limiter: Limiter | None = None
+        # /ready answers 503 from SIGTERM on, so load balancers stop sending first
         self.draining = False
+        # the backend responses of open streams (SseRelay adds and removes them)
+        self.streams: set[aiohttp.ClientResponse] = set()
+        self._keys_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Open the pools; needs the running event loop."""
@@ -25,8 +43,27 @@ class Gateway:
         # a crashed gateway's concurrency slots free themselves after the longest request
         lease = max(m.timeout_s for m in self.config.models) + 30
         self.limiter = make_limiter(rl.redis_url, rl.window_s, lease, rl.on_redis_error)
+        self._keys_task = asyncio.create_task(self._watch_keys(), name="keys-watch")
+
+    async def _watch_keys(self) -> None:
+        # requests re-read the file too, but a bad file must be reported when none come
+        while True:
+            await asyncio.sleep(self.keys.recheck_s)
+            try:
+                self.keys.check()
+            except Exception:
+                log.exception("checking the keys file failed unexpectedly")
+
+    def end_streams(self) -> None:
+        """The drain deadline: every open stream ends with an error event, not a cut."""
+        for resp in list(self.streams):
+            resp.content.set_exception(ShuttingDown())
 
     async def stop(self) -> None:
+        if self._keys_task is not None:
+            self._keys_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keys_task
         for b in self.backends.values():
             await b.close()
         if self.limiter is not None:

@@ -44,6 +44,7 @@ class Backend:
     def __init__(self, route: ModelRoute):
         self.route = route
         self.in_flight = 0
+        self.up = True  # the health monitor's latest verdict (app/health.py)
         # The gateway refuses above max_concurrency itself, so the pool needs no cap of its own.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
         # no Accept-Encoding: bodies are relayed as they come, so they must come plain

@@ -149,6 +149,7 @@ def variables(models: list[declaration.ModelSpec]) -> dict:
         "vllm_gpu_enabled": False,
         "gateway_config_dir": str(RUN / "gateway"),
         "gateway_deep_probe": False,
+        "gateway_drain_notice_s": 0,  # no load balancer to notify: stop at once
         "nginx_https_port": HTTPS_PORT,
         "nginx_listen_ipv6": False,
         "nginx_server_name": "localhost",

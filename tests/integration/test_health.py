@@ -1,13 +1,15 @@
 """/health, /ready (shallow and deep) and start-up refusal of a bad configuration."""
 
+import json
 import subprocess
 import sys
-import time
 
 import httpx
+import pytest
 
 from tests.conftest import start_fake_backend
 from tests.support.gateway import start_gateway
+from tests.support.procs import wait_until
 
 
 def test_health_is_just_the_process(gateway):
@@ -26,48 +28,101 @@ def test_ready_reports_each_model_and_ignores_optional_ones(gateway):
     assert 'gateway_backend_up{model="ghost"} 0.0' in gateway.metrics()
 
 
-def test_ready_is_503_when_a_required_backend_goes_down_and_recovers(tmp_path):
-    backend = start_fake_backend(tmp_path, "solo")
+@pytest.fixture
+def stand_ins(tmp_path):
+    """Start stand-in backends; each is stopped at the end, whatever happened."""
+    started = []
+
+    def start(name: str, **kw):
+        b = start_fake_backend(tmp_path, name, **kw)
+        started.append(b)
+        return b
+
+    yield start
+    for b in started:
+        b.proc.stop()
+
+
+def _up_metric(gw, model: str) -> str | None:
+    for line in gw.metrics().splitlines():
+        if line.startswith(f'gateway_backend_up{{model="{model}"}}'):
+            return line.rsplit(" ", 1)[1]
+    return None
+
+
+def _ready(gw) -> httpx.Response:
+    return httpx.get(gw.url + "/ready")
+
+
+def test_a_stopped_backend_is_marked_down_by_itself_and_its_requests_get_503(
+        tmp_path, stand_ins):
+    backend = stand_ins("solo")
     port = int(backend.url.rsplit(":", 1)[1])
     gw = start_gateway(tmp_path / "gw", {
-        "models": [{"name": "solo", "backend": backend.url}], "ready": {"cache_s": 0}}, {})
+        "models": [{"name": "solo", "backend": backend.url}], "ready": {"interval_s": 0.2}},
+        {"k": []})
     try:
-        assert httpx.get(gw.url + "/ready").status_code == 200
+        assert _ready(gw).status_code == 200 and _up_metric(gw, "solo") == "1.0"
         backend.proc.stop()
-        r = httpx.get(gw.url + "/ready")
+        # nobody calls /ready: the background check alone turns the metric to 0
+        wait_until(lambda: _up_metric(gw, "solo") == "0.0", what="backend_up turning 0")
+        r = httpx.post(gw.url + "/v1/completions", headers=gw.auth("k"),
+                       json={"model": "solo", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "backend_unavailable"
+        r = _ready(gw)
         assert r.status_code == 503
         assert r.json()["status"] == "not_ready" and r.json()["down"] == ["solo"]
-        backend = start_fake_backend(tmp_path, "solo", port=port)
-        assert httpx.get(gw.url + "/ready").status_code == 200
+        stand_ins("solo", port=port)
+        wait_until(lambda: _ready(gw).status_code == 200, what="/ready recovering")
+        assert _up_metric(gw, "solo") == "1.0"
     finally:
         gw.stop()
-        backend.proc.stop()
 
 
-def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(tmp_path):
-    backend = start_fake_backend(tmp_path, "stuck")
+def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(
+        tmp_path, stand_ins):
+    backend = stand_ins("stuck")
     gw = start_gateway(tmp_path / "gw", {
         "models": [{"name": "stuck", "backend": backend.url}],
-        "ready": {"cache_s": 0, "deep_probe": True, "deep_probe_timeout_s": 0.5,
+        "ready": {"interval_s": 0.2, "deep_probe": True, "deep_probe_timeout_s": 0.5,
                   "deep_probe_interval_s": 1},
-    }, {})
+    }, {"k": []})
     try:
-        assert httpx.get(gw.url + "/ready").status_code == 200
-        assert backend.stats()["requests"] == 1  # one real one-token completion
-        httpx.get(gw.url + "/ready")
-        # a passing probe is reused for its interval: frequent polls cost no generations
-        assert backend.stats()["requests"] == 1
+        assert _ready(gw).status_code == 200
         backend.set_stuck(True)
         assert httpx.get(backend.url + "/health").status_code == 200  # HTTP side still fine
-        time.sleep(1.1)
-        r = httpx.get(gw.url + "/ready")
+        # nobody calls /ready: the background probe alone turns the metric to 0
+        wait_until(lambda: _up_metric(gw, "stuck") == "0.0", what="backend_up turning 0")
+        r = httpx.post(gw.url + "/v1/completions", headers={**gw.auth("k"), "x-request-id": "r1"},
+                       json={"model": "stuck", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
+        # answered by the gateway itself: sent to the stuck engine it would have hung for the
+        # model's timeout_s (120 s), and the access line would carry a time to first byte
+        line = next(json.loads(x) for x in gw.log_lines() if '"request_id":"r1"' in x)
+        assert line["error"] == "backend_unavailable" and line["ttft_ms"] is None
+        r = _ready(gw)
         assert r.status_code == 503
         assert "no answer within 0.5s" in r.json()["models"]["stuck"]["detail"]
         backend.set_stuck(False)
-        assert httpx.get(gw.url + "/ready").status_code == 200  # a failed probe reruns at once
+        wait_until(lambda: _ready(gw).status_code == 200, what="/ready recovering")
     finally:
         gw.stop()
-        backend.proc.stop()
+
+
+def test_deep_probes_cost_one_generation_per_interval_however_often_ready_is_asked(
+        tmp_path, stand_ins):
+    backend = stand_ins("calm")
+    gw = start_gateway(tmp_path / "gw", {
+        "models": [{"name": "calm", "backend": backend.url}],
+        "ready": {"interval_s": 0.1, "deep_probe": True, "deep_probe_interval_s": 3600},
+    }, {})
+    try:
+        for _ in range(5):
+            assert _ready(gw).status_code == 200
+        assert backend.stats()["requests"] == 1  # the probe at start, reused since
+    finally:
+        gw.stop()
 
 
 def test_bad_config_stops_the_process_with_the_field_named(tmp_path):

@@ -57,8 +57,11 @@ def start_gateway(folder: Path, config: dict, keys: dict[str, list[str]],
     folder.mkdir(parents=True, exist_ok=True)
     keys_file = folder / "keys.json"
     made = {name: create_key(keys_file, name, *flags) for name, flags in keys.items()}
+    keys_file.touch()  # the installer's empty file when no key was made (missing stops it)
     cfg_path = folder / "gateway.yml"
-    cfg_path.write_text(yaml.safe_dump({"keys_file": str(keys_file), **config}))
+    # no drain notice unless a test asks: stopping a test gateway need not wait for it
+    cfg_path.write_text(yaml.safe_dump({"keys_file": str(keys_file), "drain_notice_s": 0,
+                                        **config}))
     port = free_port()
     proc = Proc(f"gateway:{port}", [PYTHON, "-m", "app"], folder / f"gateway-{port}.log", env={
         "GATEWAY_CONFIG": str(cfg_path), "GATEWAY_PORT": str(port), **(env or {}),

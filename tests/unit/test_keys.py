@@ -1,4 +1,5 @@
 import json
+import re
 import stat
 import time
 
@@ -117,3 +118,123 @@ def test_writes_keep_the_files_owner(tmp_path, capsys):
     os.chown(path, 4321, 4321)  # as if the gateway's service user owned it
     run(capsys, path, "create", "another")
     assert (path.stat().st_uid, path.stat().st_gid) == (4321, 4321)
+
+
+# ------------------------------------------------ strict loading and reload behaviour
+
+
+def _one_key(tmp_path, capsys, *flags):
+    path = tmp_path / "keys.json"
+    _, key, _ = run(capsys, path, "create", "hank", "--models", "text2sql", *flags)
+    return path, key
+
+
+def _edit(path, **changes):
+    data = json.loads(path.read_text())
+    data["keys"][0].update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rpm": "60"}, "keys[0] ('hank').rpm: must be an integer of at least 1 (got str)"),
+    ({"tpm": 0}, ".tpm: must be an integer of at least 1 (got int)"),
+    ({"max_concurrency": True}, ".max_concurrency: must be an integer of at least 1 (got bool)"),
+    ({"models": "text2sql"}, ".models: must be a non-empty list of model names (got str)"),
+    ({"models": []}, ".models: must be a non-empty list of model names (got list)"),
+    ({"models": ["a", 3]}, ".models: must be a non-empty list of model names (got list)"),
+    ({"hash": "xyz"}, ".hash: must be a SHA-256 hex digest (got str)"),
+    ({"id": 12}, ".id: must be 12 lowercase hex characters (got int)"),
+    ({"expires_at": "soon"}, ".expires_at: must be an ISO date-time (got str)"),
+    ({"created_at": None}, ".created_at: must be an ISO date-time (got NoneType)"),
+    ({"colour": "red"}, "unknown field 'colour'"),
+])
+def test_a_wrong_field_is_refused_with_its_place_named_and_no_value(tmp_path, capsys, changes,
+                                                                   message):
+    path, _ = _one_key(tmp_path, capsys)
+    digest = json.loads(path.read_text())["keys"][0]["hash"]
+    _edit(path, **changes)
+    with pytest.raises(keys.KeyStoreError) as e:
+        KeyStore(path)
+    assert message in str(e.value) and digest not in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not JSON"),
+    ('{"keys": {}}', "expected an object with a 'keys' list"),
+    ("[]", "expected an object with a 'keys' list"),
+    ('{"version": 2, "keys": []}', "unsupported 'version'"),
+    ('{"keys": [3]}', "keys[0] is not an object"),
+])
+def test_a_wrong_file_shape_is_refused(tmp_path, text, message):
+    path = tmp_path / "keys.json"
+    path.write_text(text)
+    with pytest.raises(keys.KeyStoreError, match=re.escape(message)):
+        KeyStore(path)
+
+
+def test_a_missing_field_and_a_duplicate_id_are_refused(tmp_path, capsys):
+    path, _ = _one_key(tmp_path, capsys)
+    data = json.loads(path.read_text())
+    data["keys"].append(dict(data["keys"][0], name="copy"))
+    path.write_text(json.dumps(data))
+    with pytest.raises(keys.KeyStoreError, match="two records share one id"):
+        KeyStore(path)
+    del data["keys"][1], data["keys"][0]["rpm"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(keys.KeyStoreError, match="field 'rpm' is missing"):
+        KeyStore(path)
+
+
+def test_the_gateway_store_refuses_a_missing_file_but_takes_an_empty_one(tmp_path):
+    path = tmp_path / "keys.json"
+    assert KeyStore(path).authenticate("sk-x") is None  # the CLI's view: no keys yet
+    with pytest.raises(keys.KeyStoreError, match="does not exist"):
+        KeyStore(path, must_exist=True)
+    path.write_text("")  # what the installer creates
+    KeyStore(path, must_exist=True)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda p: p.write_text("{not json"),
+    lambda p: _edit(p, rpm="60"),
+    lambda p: _edit(p, models="text2sql,sql-coder"),
+    lambda p: p.unlink(),
+])
+def test_a_bad_file_at_reload_keeps_the_last_good_set_and_says_so(tmp_path, capsys, caplog,
+                                                                  damage):
+    path, key = _one_key(tmp_path, capsys)
+    other = run(capsys, path, "create", "ivan")[1]
+    run(capsys, path, "revoke", "ivan")
+    seen = []
+    store = KeyStore(path, recheck_s=0, must_exist=True, on_reload=seen.append)
+    good = path.read_text()
+    digest = json.loads(good)["keys"][0]["hash"]
+    damage(path)
+    rec = store.authenticate(key)
+    assert rec is not None and rec.rpm == 60 and rec.models == ["text2sql"]
+    assert not rec.allows("sql")  # no grant by substring
+    assert store.authenticate(other) is None  # the revocation stays applied
+    assert seen == [False]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "keeping the last good set of 2 keys" in errors[0].getMessage()
+    assert "\n" not in errors[0].getMessage() and digest not in errors[0].getMessage()
+    store.authenticate(key)
+    assert seen == [False]  # the same bad file is reported once, not on every recheck
+    path.write_text(good)  # the backup restored
+    store.authenticate(key)
+    assert seen == [False, True]
+
+
+def test_a_keys_folder_that_cannot_be_searched_is_a_refused_reload_not_an_error(tmp_path,
+                                                                               capsys):
+    path, key = _one_key(tmp_path, capsys)
+    seen = []
+    store = KeyStore(path, recheck_s=0, must_exist=True, on_reload=seen.append)
+    # what a stat of a file in a folder the service user may not enter raises
+    with pytest.MonkeyPatch.context() as mp:
+        def denied(self, *a, **kw):
+            raise PermissionError(13, "Permission denied")
+        mp.setattr(type(path), "stat", denied)
+        mp.setattr(type(path), "read_text", denied)
+        assert store.authenticate(key) is not None  # the last good set, not a crash
+    assert seen == [False]
