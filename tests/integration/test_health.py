@@ -99,7 +99,7 @@ def test_deep_probe_catches_an_engine_stuck_behind_a_live_http_server(
         assert r.status_code == 503 and r.json()["error"]["code"] == "backend_unavailable"
         # answered by the gateway itself: sent to the stuck engine it would have hung for the
         # model's timeout_s (120 s), and the access line would carry a time to first byte
-        line = next(json.loads(x) for x in gw.log_lines() if '"request_id":"r1"' in x)
+        line = next(json.loads(x) for x in gw.log_lines() if '"client_request_id":"r1"' in x)
         assert line["error"] == "backend_unavailable" and line["ttft_ms"] is None
         r = _ready(gw)
         assert r.status_code == 503

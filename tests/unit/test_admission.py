@@ -136,7 +136,8 @@ def test_backend_errors_become_short_clean_openai_errors(raw, message):
 
 def relay() -> SseRelay:
     ex = SimpleNamespace(model="m", chunks=0, prompt_tokens=None, completion_tokens=None,
-                         t0=0.0, backend=SimpleNamespace(route=ROUTE))
+                         t0=0.0, backend=SimpleNamespace(route=ROUTE),
+                         gw=SimpleNamespace(streams=set()))
     return SseRelay(ex, resp=None, hide_usage=True, served="m")
 
 
