@@ -3,6 +3,7 @@ same files, same role defaults, Jinja2 with Ansible's template settings."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,23 @@ def write(path: Path, text: str, mode: int = 0o640) -> bool:
     tmp.chmod(mode)
     tmp.replace(path)
     return True
+
+
+def parse_unit_file(text: str) -> dict[tuple[str, str], list[str]]:
+    """A systemd unit file as {(section, key): [values]}, continuation lines joined and runs of
+    spaces collapsed (comments and blanks skipped)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    section = ""
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault((section, key), []).append(" ".join(value.split()))
+    return out
 
 
 def parse_env_file(text: str) -> dict[str, str]:

@@ -13,6 +13,8 @@ import jinja2
 import pytest
 import yaml
 
+from stack.render import parse_unit_file
+
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "ansible" / "roles"
 OUR_ROLES = ("models", "nvidia_driver", "dcgm_exporter", "node_exporter")
@@ -85,23 +87,6 @@ def counter_rows(text: str) -> list[list[str]]:
     return [[f.strip(" ") for f in row] for row in csv.reader(lines)]
 
 
-def unit_directives(text: str) -> dict[tuple[str, str], list[str]]:
-    """systemd unit file -> {(section, key): [values]}, with backslash continuations joined."""
-    joined = re.sub(r"\\\n", " ", text)
-    out: dict[tuple[str, str], list[str]] = {}
-    section = ""
-    for line in joined.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault((section, key), []).append(" ".join(value.split()))
-    return out
-
-
 # --- dcgm_exporter: counters file -------------------------------------------------------------
 
 
@@ -159,7 +144,7 @@ def test_site_fields_are_appended_under_their_own_heading():
 
 @pytest.fixture(scope="module")
 def exporter_unit() -> dict[tuple[str, str], list[str]]:
-    return unit_directives(render("dcgm_exporter", "dcgm-exporter.service.j2", gpu_enabled=True))
+    return parse_unit_file(render("dcgm_exporter", "dcgm-exporter.service.j2", gpu_enabled=True))
 
 
 def test_exporter_unit_starts_after_and_requires_the_dcgm_host_engine(exporter_unit):
@@ -186,10 +171,10 @@ def test_exporter_unit_runs_unprivileged(exporter_unit):
 def test_extra_exporter_flags_stay_on_the_command_line():
     text = render("dcgm_exporter", "dcgm-exporter.service.j2", gpu_enabled=True,
                   dcgm_exporter_extra_args="--web-config-file /etc/dcgm-exporter/web.yml")
-    (cmd,) = unit_directives(text)[("Service", "ExecStart")]
+    (cmd,) = parse_unit_file(text)[("Service", "ExecStart")]
     assert cmd.endswith("--remote-hostengine-info localhost:5555 "
                         "--web-config-file /etc/dcgm-exporter/web.yml")
-    assert ("Service", "Restart") in unit_directives(text)
+    assert ("Service", "Restart") in parse_unit_file(text)
 
 
 # --- the other roles' rendered pieces ---------------------------------------------------------
@@ -204,7 +189,7 @@ def test_node_exporter_listens_on_all_interfaces_port_9100_by_default():
 
 
 def test_models_volume_is_mounted_by_label_at_the_models_dir():
-    unit = unit_directives(render("models", "models.mount.j2"))
+    unit = parse_unit_file(render("models", "models.mount.j2"))
     assert unit[("Mount", "What")] == ["/dev/disk/by-label/models"]
     assert unit[("Mount", "Where")] == ["/srv/models"]
     assert unit[("Mount", "Type")] == ["xfs"]

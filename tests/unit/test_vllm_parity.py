@@ -25,7 +25,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from stack import declaration, vllm_lock
-from stack.render import parse_env_file, render, resolve, role_defaults
+from stack.render import parse_env_file, parse_unit_file, render, resolve, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm"
@@ -140,27 +140,12 @@ def flags(args: list[str]) -> dict[str, str | None]:
     return out
 
 
-def unit_directives(text: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    section = ""
-    for line in re.sub(r"\\\n", " ", text).splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault(f"{section}.{key}", []).append(" ".join(value.split()))
-    return out
-
-
 def differences(gpu: tuple[str, str], cpu: tuple[str, str]) -> set[str]:
     def keyed(env_text: str, unit_text: str) -> dict[str, object]:
         env = parse_env_file(env_text)
         d: dict[str, object] = {f"arg {k}": v for k, v in flags(vllm_args(env_text)).items()}
         d.update({f"env {k}": v for k, v in env.items() if k != "VLLM_ARGS"})
-        d.update({f"unit {k}": v for k, v in unit_directives(unit_text).items()})
+        d.update({f"unit {sec}.{key}": v for (sec, key), v in parse_unit_file(unit_text).items()})
         return d
 
     a, b = keyed(*gpu), keyed(*cpu)

@@ -28,27 +28,12 @@ import jinja2
 import pytest
 import yaml
 
-from stack.render import parse_env_file, render, resolve, role_defaults
+from stack.render import parse_env_file, parse_unit_file, render, resolve, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm"
 WAIT_HEALTH = ROOT / "systemd" / "vllm-wait-health.py"
 MODELS = yaml.safe_load((ROOT / "ansible/group_vars/all/models.yml").read_text())["llm_models"]
-
-
-def unit_directives(text: str) -> dict[tuple[str, str], list[str]]:
-    out: dict[tuple[str, str], list[str]] = {}
-    section = ""
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        out.setdefault((section, key), []).append(value)
-    return out
 
 
 def role_vars(**overrides) -> dict:
@@ -92,29 +77,29 @@ def test_each_instance_starts_after_the_one_declared_before_it():
     names = [m["name"] for m in MODELS]
     assert len(names) >= 2, "the declaration should have several models to order"
     assert list(dropins) == names
-    first = unit_directives(dropins[names[0]])
+    first = parse_unit_file(dropins[names[0]])
     assert ("Unit", "After") not in first, "the first instance waits for no other"
     for prev, name in zip(names, names[1:], strict=False):
-        assert unit_directives(dropins[name])[("Unit", "After")] == [f"vllm@{prev}.service"]
+        assert parse_unit_file(dropins[name])[("Unit", "After")] == [f"vllm@{prev}.service"]
     # ordering only: a failed instance must not keep the later ones from starting
     for text in dropins.values():
         assert not {("Unit", k) for k in ("Requires", "BindsTo", "Requisite")} & set(
-            unit_directives(text))
+            parse_unit_file(text))
 
 
 def test_the_order_follows_a_changed_declaration():
     reordered = [MODELS[2], MODELS[0], MODELS[1]]
     dropins = rendered_dropins(reordered)
-    assert ("Unit", "After") not in unit_directives(dropins[MODELS[2]["name"]])
-    assert unit_directives(dropins[MODELS[0]["name"]])[("Unit", "After")] == [
+    assert ("Unit", "After") not in parse_unit_file(dropins[MODELS[2]["name"]])
+    assert parse_unit_file(dropins[MODELS[0]["name"]])[("Unit", "After")] == [
         f"vllm@{MODELS[2]['name']}.service"]
-    assert unit_directives(dropins[MODELS[1]["name"]])[("Unit", "After")] == [
+    assert parse_unit_file(dropins[MODELS[1]["name"]])[("Unit", "After")] == [
         f"vllm@{MODELS[0]['name']}.service"]
 
 
 @pytest.mark.parametrize("gpu", [True, False])
 def test_an_instance_is_active_only_once_healthy_within_the_start_timeout(gpu):
-    unit = unit_directives(rendered_unit(vllm_gpu_enabled=gpu))
+    unit = parse_unit_file(rendered_unit(vllm_gpu_enabled=gpu))
     (post,) = unit[("Service", "ExecStartPost")]
     argv = post.split()
     assert argv[:2] == ["/usr/bin/python3", role_vars()["vllm_wait_health"]]
@@ -125,7 +110,7 @@ def test_an_instance_is_active_only_once_healthy_within_the_start_timeout(gpu):
 
 
 def test_the_models_volume_is_mounted_before_an_engine_starts():
-    unit = unit_directives(rendered_unit(vllm_models_dir="/srv/models"))
+    unit = parse_unit_file(rendered_unit(vllm_models_dir="/srv/models"))
     assert unit[("Unit", "RequiresMountsFor")] == ["/srv/models"]
     models_defaults = yaml.safe_load(
         (ROOT / "ansible/roles/models/defaults/main.yml").read_text())
