@@ -896,7 +896,8 @@ def test_smoke_gpu_on_a_healthy_host_prints_the_table(paths, tmp_path, monkeypat
     (SMOKE_COMPLETION, (0, '{"error":{"message":"invalid API key","type":'
                            '"authentication_error","code":"invalid_api_key"}}\n401 0.002'),
      "completion text2sql", "invalid API key", "the gateway refused LLM_API_KEY"),
-])
+], ids=["wrong-gpu", "old-driver-branch", "no-driver", "dcgm-field-missing", "unit-failed",
+        "health-503", "completion-504", "completion-401"])
 def test_smoke_gpu_stops_at_the_first_failure_and_says_what_next(
         paths, tmp_path, monkeypatch, capsys, command, answer, last_check, says, hint):
     answers = healthy_host()
