@@ -792,7 +792,8 @@ SMOKE_MEMORY = ("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,no
                 " | while IFS=', ' read -r pid mib; do"
                 " echo \"$pid $mib $(ps -o unit= -p \"$pid\")\"; done")
 DCGM_METRICS = "".join(
-    f'# TYPE {n} gauge\n{n}{{gpu="0",modelName="NVIDIA A10G"}} {v}\n' for n, v in [
+    f'# HELP {n} help\n# TYPE {n} gauge\n{n}{{gpu="0",modelName="NVIDIA A10G"}} {v}\n'
+    for n, v in [
         ("DCGM_FI_DEV_GPU_UTIL", 3), ("DCGM_FI_DEV_FB_USED", 20511),
         ("DCGM_FI_DEV_FB_FREE", 2011), ("DCGM_FI_DEV_GPU_TEMP", 41),
         ("DCGM_FI_DEV_POWER_USAGE", "61.204000"), ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", 0),
@@ -884,7 +885,8 @@ def test_smoke_gpu_on_a_healthy_host_prints_the_table(paths, tmp_path, monkeypat
      "driver 570.133.20 is not of the pinned branch 580", "nvidia_driver_keep_working"),
     (SMOKE_DRIVER, (9, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
                        "driver.\n"), "driver", "nvidia-smi does not answer", "dmesg"),
-    (SMOKE_DCGM, (0, DCGM_METRICS.replace("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "DCGM_OTHER")),
+    # its HELP and TYPE lines stay: only a sample counts
+    (SMOKE_DCGM, (0, DCGM_METRICS.replace('DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{', 'DCGM_OTHER{')),
      "dcgm", "lacks DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "make logs UNIT=dcgm-exporter"),
     (smoke_engine("sqlcoder", 8001), (3, "failed\n000"), "engine sqlcoder",
      "vllm@sqlcoder.service is failed", "make logs UNIT=vllm@sqlcoder"),
@@ -965,3 +967,14 @@ def test_smoke_gpu_reads_ports_units_branch_and_fields_from_their_homes(tmp_path
     assert "systemctl is-active vllm@other2.service" in cmds[4] and ":9102/health" in cmds[4]
     assert all("127.0.0.1:8181/v1/" in c for c in cmds[5:8])
     assert not any(":8000/" in c or "text2sql" in c for c in cmds)
+
+
+def test_smoke_gpu_says_when_a_host_cannot_be_reached(paths, tmp_path, monkeypatch, capsys):
+    _inventory_on_loopback(paths)
+    monkeypatch.setenv("LLM_API_KEY", KEY)
+    paths.tool("ssh", 'echo "ssh: connect to host 127.0.0.1 port 22: Connection refused" >&2\n'
+                      "exit 255\n")
+    assert paths.run("smoke-gpu") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "llm-gpu-0 (127.0.0.1): ssh failed: ssh: connect to host" in err
+    assert "admin_cidrs" in err
