@@ -77,7 +77,7 @@ logs: venv ## follow a unit's journal: make logs UNIT=gateway|nginx|vllm@<model>
 status: venv ## per GPU host: instance state, units, /ready
 	@$(AWS_OPS) status
 
-smoke-gpu: venv ## first real deploy: driver, DCGM, engines, one request per model on each host (LLM_API_KEY=<key> [HOST=...])
+smoke-gpu: venv ## first real deploy: driver, DCGM, engines, one request per model on each host (export LLM_API_KEY first; [HOST=...])
 	@$(AWS_OPS) smoke-gpu $(if $(HOST),--host $(HOST))
 
 stop: venv ## stop the GPU instances: GPU billing stops, volumes and addresses stay

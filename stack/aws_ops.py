@@ -924,6 +924,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
               f"{INVENTORY.relative_to(ROOT)} ansible/playbooks/rotate_key.yml "
               "-e key_name=my-app -e key_action=create")
     print(f"   try it       curl {k}{dep.api_endpoint}/v1/models -H \"Authorization: Bearer $KEY\"")
+    print("   check it     export LLM_API_KEY (read -rs), then make smoke-gpu (docs/aws.md)")
     print("   operate      make status | make logs UNIT=gateway | make ssh")
     print("   save money   make stop (make start resumes); make destroy removes it all")
     return 0
