@@ -23,7 +23,7 @@ TERRAFORM_MIN := 1.10
 # a Terraform installed by deps-tools is found before any other
 export PATH := $(CURDIR)/.local/bin:$(PATH)
 
-.PHONY: plan deploy destroy inventory wait-ssh ssh logs status stop start deps-tools \
+.PHONY: plan deploy destroy inventory wait-ssh ssh logs status smoke-gpu stop start deps-tools \
         terraform-cli
 
 # `make test` runs tests/infra/test_terraform.py: it needs Terraform and checkov
@@ -76,6 +76,9 @@ logs: venv ## follow a unit's journal: make logs UNIT=gateway|nginx|vllm@<model>
 
 status: venv ## per GPU host: instance state, units, /ready
 	@$(AWS_OPS) status
+
+smoke-gpu: venv ## first real deploy: driver, DCGM, engines, one request per model on each host (export LLM_API_KEY first; [HOST=...])
+	@$(AWS_OPS) smoke-gpu $(if $(HOST),--host $(HOST))
 
 stop: venv ## stop the GPU instances: GPU billing stops, volumes and addresses stay
 	@$(AWS_OPS) stop

@@ -7,6 +7,7 @@
     python -m stack.aws_ops status | stop | start
     python -m stack.aws_ops ssh [--host HOST] [-- COMMAND] | logs UNIT [--host HOST]
     python -m stack.aws_ops endpoint [--tls] | summary
+    python -m stack.aws_ops smoke-gpu [--host HOST]     (LLM_API_KEY: a key of the deployment)
 
 The hosts come from `terraform output -json` when this checkout holds the state; otherwise
 (the state lives elsewhere, or is lost) they are found by their EC2 tags, Project=<name> and
@@ -835,6 +836,54 @@ def cmd_wait_ssh(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ssh_runner(dep: Deployment, host: Host, identity: str | None):
+    """A gpu_smoke runner: one SSH call per remote command, stdin handed over as given."""
+    def run(remote: str, stdin: str) -> tuple[int, str, str]:
+        try:
+            proc = subprocess.run([*ssh_argv(dep, host, identity), remote], input=stdin,
+                                  capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            return 124, "", "ssh timed out after 180 s"
+        if proc.returncode == 255:
+            raise OpsError(f"{host.name} ({host.public_ip}): ssh failed: "
+                           + (proc.stderr.strip().splitlines() or ["?"])[-1]
+                           + "; `make wait-ssh`, and check admin_cidrs holds your address")
+        return proc.returncode, proc.stdout, proc.stderr
+    return run
+
+
+def cmd_smoke_gpu(args: argparse.Namespace) -> int:
+    from stack import gpu_smoke  # reads the declaration, the roles and the planner
+
+    key = os.environ.get("LLM_API_KEY", "").strip()
+    if not key:
+        raise OpsError("set LLM_API_KEY to a key of this deployment (`make summary` shows how "
+                       "to create one): the request check sends it to the host on ssh's stdin, "
+                       "never on a command line, and never prints it")
+    require_binary("ssh", "ssh not found: install an OpenSSH client, then retry")
+    KNOWN_HOSTS.parent.mkdir(parents=True, exist_ok=True)
+    dep = _hosts_for_ssh(args)
+    hosts = [pick_host(dep, args.host)] if args.host else dep.hosts
+    failed = []
+    for host in hosts:
+        instance_type = host.instance_type or setting("instance_type", DEFAULT_INSTANCE_TYPE,
+                                                      tf_dir=args.tf_dir)
+        try:
+            exp = gpu_smoke.expected(instance_type)
+        except ValueError as e:
+            raise OpsError(str(e)) from None
+        results = gpu_smoke.run_checks(exp, key, _ssh_runner(dep, host, args.identity))
+        print(gpu_smoke.table(f"{host.name} ({host.public_ip}, {instance_type})", results),
+              flush=True)
+        if results[-1].status == "FAILED":
+            failed.append(host.name)
+    if failed:
+        print(f">> smoke-gpu FAILED on {', '.join(failed)}")
+        return 1
+    print(f">> smoke-gpu: all checks passed on {len(hosts)} host(s)")
+    return 0
+
+
 def cmd_endpoint(args: argparse.Namespace) -> int:
     dep = read_inventory(args.out)
     if args.tls:
@@ -875,6 +924,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
               f"{INVENTORY.relative_to(ROOT)} ansible/playbooks/rotate_key.yml "
               "-e key_name=my-app -e key_action=create")
     print(f"   try it       curl {k}{dep.api_endpoint}/v1/models -H \"Authorization: Bearer $KEY\"")
+    print("   check it     export LLM_API_KEY (read -rs), then make smoke-gpu (docs/aws.md)")
     print("   operate      make status | make logs UNIT=gateway | make ssh")
     print("   save money   make stop (make start resumes); make destroy removes it all")
     return 0
@@ -933,6 +983,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host")
     s.add_argument("--lines", type=int, default=100)
     s.set_defaults(func=cmd_logs)
+
+    s = sub.add_parser("smoke-gpu", help="first-real-deploy checks on each GPU host: driver, "
+                       "DCGM, engines, one request each (LLM_API_KEY)")
+    s.add_argument("--host", help="name, index or instance ID (default: every host)")
+    s.set_defaults(func=cmd_smoke_gpu)
 
     s = sub.add_parser("endpoint", help="print the API endpoint (from the inventory)")
     s.add_argument("--tls", action="store_true", help="print 'trusted' or 'self-signed'")

@@ -765,3 +765,216 @@ def test_status_asks_for_the_units_the_roles_start():
         or "vllm@.service.j2" in {p.name for p in (Path(aws_ops.ROOT) / "systemd").iterdir()}
     missing = [u for u in aws_ops.UNITS if "*" not in u and u not in managed]
     assert not missing, f"no role manages {missing}"
+
+
+# ---- smoke-gpu ----------------------------------------------------------------------------------
+
+KEY = "sk-smoke-0123456789abcdef"
+# the exact remote commands of a healthy run, for the committed declaration and role defaults
+SMOKE_DRIVER = "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader"
+SMOKE_DCGM = "curl -sS -f -m 10 http://127.0.0.1:9400/metrics"
+
+
+def smoke_engine(name: str, port: int) -> str:
+    return (f"systemctl is-active vllm@{name}.service; curl -s -o /dev/null -m 5 "
+            f"-w '%{{http_code}}' http://127.0.0.1:{port}/health")
+
+
+def smoke_request(path: str, body: str, timeout: int) -> str:
+    return (f"curl -sS -m {timeout} -H @- -H 'Content-Type: application/json' --data-binary "
+            f"'{body}' -w '\\n%{{http_code}} %{{time_total}}' http://127.0.0.1:8080{path}")
+
+
+SMOKE_COMPLETION = smoke_request(
+    "/v1/completions",
+    '{"model":"text2sql","prompt":"SELECT","max_tokens":4,"temperature":0}', 120)
+SMOKE_MEMORY = ("nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits"
+                " | while IFS=', ' read -r pid mib; do"
+                " echo \"$pid $mib $(ps -o unit= -p \"$pid\")\"; done")
+DCGM_METRICS = "".join(
+    f'# HELP {n} help\n# TYPE {n} gauge\n{n}{{gpu="0",modelName="NVIDIA A10G"}} {v}\n'
+    for n, v in [
+        ("DCGM_FI_DEV_GPU_UTIL", 3), ("DCGM_FI_DEV_FB_USED", 20511),
+        ("DCGM_FI_DEV_FB_FREE", 2011), ("DCGM_FI_DEV_GPU_TEMP", 41),
+        ("DCGM_FI_DEV_POWER_USAGE", "61.204000"), ("DCGM_FI_DEV_ECC_SBE_VOL_TOTAL", 0),
+        ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", 0), ("DCGM_FI_DEV_XID_ERRORS", 0)])
+
+
+def healthy_host() -> dict[str, tuple[int, str]]:
+    """What a converged g5.xlarge answers to each exact command: (exit status, stdout)."""
+    done = '{"choices":[{"text":" name FROM"}],"usage":{"completion_tokens":4}}\n200 0.412'
+    return {
+        SMOKE_DRIVER: (0, "NVIDIA A10G, 23028 MiB, 580.95.05\n"),
+        SMOKE_DCGM: (0, DCGM_METRICS),
+        smoke_engine("text2sql", 8000): (0, "active\n200"),
+        smoke_engine("sqlcoder", 8001): (0, "active\n200"),
+        smoke_engine("embed", 8002): (0, "active\n200"),
+        SMOKE_COMPLETION: (0, done),
+        smoke_request("/v1/completions", '{"model":"sqlcoder","prompt":"SELECT",'
+                      '"max_tokens":4,"temperature":0}', 120): (0, done),
+        smoke_request("/v1/embeddings", '{"model":"embed","input":"smoke test"}', 30):
+            (0, '{"data":[{"embedding":[' + ",".join(["0.1"] * 384) + "]}]}\n200 0.051"),
+        SMOKE_MEMORY: (0, "4242 5880 vllm@text2sql.service\n4343 14390 vllm@sqlcoder.service\n"
+                          "4444 852 vllm@embed.service\n"),
+    }
+
+
+def scripted_ssh(paths, tmp_path, answers: dict[str, tuple[int, str]]) -> Path:
+    """A fake ssh answering only the exact remote commands scripted (its last argument); any
+    other command fails as a remote error would. Each call's argv and stdin go to the log."""
+    (tmp_path / "ssh-script.json").write_text(json.dumps(answers))
+    log = tmp_path / "ssh-log.jsonl"
+    script = paths.bin / "ssh"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+answers = json.load(open({str(tmp_path / 'ssh-script.json')!r}))
+remote = sys.argv[-1]
+with open({str(log)!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "stdin": sys.stdin.read()}}) + "\\n")
+if remote not in answers:
+    print("unexpected remote command: " + remote, file=sys.stderr)
+    sys.exit(1)
+rc, out = answers[remote]
+sys.stdout.write(out)
+sys.exit(rc)
+""")
+    script.chmod(0o755)
+    return log
+
+
+def smoke(paths, tmp_path, monkeypatch, answers) -> tuple[int, Path]:
+    _inventory_on_loopback(paths)
+    monkeypatch.setenv("LLM_API_KEY", KEY)
+    log = scripted_ssh(paths, tmp_path, answers)
+    return paths.run("smoke-gpu"), log
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_smoke_gpu_on_a_healthy_host_prints_the_table(paths, tmp_path, monkeypatch, capsys):
+    rc, log = smoke(paths, tmp_path, monkeypatch, healthy_host())
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = {line.split()[0] + (" " + line.split()[1] if line.split()[0] in
+                               ("engine", "completion", "embedding", "gpu") else ""): line
+            for line in out.splitlines() if line.startswith("  ")}
+    assert "ok" in rows["driver"] and "NVIDIA A10G, 23028 MiB, driver 580.95.05" in rows["driver"]
+    assert "8/8 alert fields, GPU 41 C" in rows["dcgm"]
+    assert "vllm@sqlcoder.service active, /health 200 on :8001" in rows["engine sqlcoder"]
+    assert "HTTP 200, 4 tokens, 0.41 s" in rows["completion text2sql"]
+    assert "384 dimensions" in rows["embedding embed"]
+    assert "info" in rows["gpu memory"] and "sqlcoder 14390/" in rows["gpu memory"]
+    assert "all checks passed" in out
+    # every command of a healthy run, in order, once; the key only ever on stdin
+    seen = calls(log)
+    assert [c["argv"][-1] for c in seen] == list(healthy_host())
+    assert all(KEY not in " ".join(c["argv"]) for c in seen)
+    requests = [c for c in seen if "/v1/" in c["argv"][-1]]
+    assert len(requests) == 3 and all(c["stdin"] == f"Authorization: Bearer {KEY}\n"
+                                      for c in requests)
+    assert all(c["stdin"] == "" for c in seen if c not in requests)
+    assert KEY not in out
+
+
+@pytest.mark.parametrize("command, answer, last_check, says, hint", [
+    (SMOKE_DRIVER, (0, "Tesla T4, 15360 MiB, 580.95.05\n"), "driver",
+     "expected NVIDIA A10G (g5.xlarge), nvidia-smi reports Tesla T4", "instance_type"),
+    (SMOKE_DRIVER, (0, "NVIDIA A10G, 23028 MiB, 570.133.20\n"), "driver",
+     "driver 570.133.20 is not of the pinned branch 580", "nvidia_driver_keep_working"),
+    (SMOKE_DRIVER, (9, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA "
+                       "driver.\n"), "driver", "nvidia-smi does not answer", "dmesg"),
+    # its HELP and TYPE lines stay: only a sample counts
+    (SMOKE_DCGM, (0, DCGM_METRICS.replace('DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{', 'DCGM_OTHER{')),
+     "dcgm", "lacks DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "make logs UNIT=dcgm-exporter"),
+    (smoke_engine("sqlcoder", 8001), (3, "failed\n000"), "engine sqlcoder",
+     "vllm@sqlcoder.service is failed", "make logs UNIT=vllm@sqlcoder"),
+    (smoke_engine("embed", 8002), (0, "active\n503"), "engine embed",
+     "/health on :8002 answered 503", "make logs UNIT=vllm@embed"),
+    (SMOKE_COMPLETION, (0, '{"error":{"message":"upstream text2sql timed out","type":'
+                           '"upstream_error","code":"upstream_timeout"}}\n504 120.001'),
+     "completion text2sql", "failed: upstream text2sql timed out", "make logs UNIT=gateway"),
+    (SMOKE_COMPLETION, (0, '{"error":{"message":"invalid API key","type":'
+                           '"authentication_error","code":"invalid_api_key"}}\n401 0.002'),
+     "completion text2sql", "invalid API key", "the gateway refused LLM_API_KEY"),
+], ids=["wrong-gpu", "old-driver-branch", "no-driver", "dcgm-field-missing", "unit-failed",
+        "health-503", "completion-504", "completion-401"])
+def test_smoke_gpu_stops_at_the_first_failure_and_says_what_next(
+        paths, tmp_path, monkeypatch, capsys, command, answer, last_check, says, hint):
+    answers = healthy_host()
+    answers[command] = answer
+    rc, log = smoke(paths, tmp_path, monkeypatch, answers)
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert f"FAILED {last_check}: " in out and says in out
+    next_line = next(line for line in out.splitlines() if line.strip().startswith("next:"))
+    assert hint in next_line
+    # stopped there: nothing after the failing command was asked
+    asked = [c["argv"][-1] for c in calls(log)]
+    assert asked == list(answers)[:list(answers).index(command) + 1]
+    assert "smoke-gpu FAILED on llm-gpu-0" in out and KEY not in out
+
+
+def test_smoke_gpu_wants_a_key_before_touching_a_host(paths, tmp_path, monkeypatch, capsys):
+    _inventory_on_loopback(paths)
+    monkeypatch.delenv("LLM_API_KEY", raising=False)
+    log = scripted_ssh(paths, tmp_path, healthy_host())
+    assert paths.run("smoke-gpu") == 2
+    assert "set LLM_API_KEY" in one_error_line(capsys.readouterr())
+    assert not log.exists()
+
+
+def test_smoke_gpu_reads_ports_units_branch_and_fields_from_their_homes(tmp_path, monkeypatch):
+    """No copied constants: a declaration with other ports and names, and other role settings,
+    change the commands."""
+    from stack import declaration, gpu_smoke
+
+    exp = gpu_smoke.expected("g5.xlarge")
+    roles = Path(aws_ops.ROOT) / "ansible" / "roles"
+    models = declaration.load()
+    cmds = gpu_smoke.commands(exp)
+    for m in models:
+        assert any(f"vllm@{m.name}.service" in c and f"127.0.0.1:{m.port}/health" in c
+                   for c in cmds)
+    gateway = yaml.safe_load((roles / "gateway/defaults/main.yml").read_text())["gateway_port"]
+    assert sum(f"127.0.0.1:{gateway}/v1/" in c for c in cmds) == len(models)
+    dcgm = yaml.safe_load((roles / "dcgm_exporter/defaults/main.yml").read_text())
+    assert f"127.0.0.1:{dcgm['dcgm_exporter_listen'].rsplit(':', 1)[1]}/metrics" in cmds[1]
+    branch = yaml.safe_load((roles / "nvidia_driver/defaults/main.yml").read_text())[
+        "nvidia_driver_branch"]
+    assert exp.driver_branch == branch
+    fields = yaml.safe_load((roles / "dcgm_exporter/vars/main.yml").read_text())[
+        "dcgm_exporter_fields"]
+    assert "DCGM_FI_DEV_GPU_TEMP" in exp.dcgm_fields
+    assert set(exp.dcgm_fields) <= {f["name"] for f in fields}
+
+    # now move everything: the commands follow
+    moved = yaml.safe_load(declaration.DECLARATION.read_text())
+    for i, m in enumerate(moved["llm_models"]):
+        m["name"], m["port"] = f"other{i}", 9100 + i
+    (tmp_path / "models.yml").write_text(yaml.safe_dump(moved))
+    monkeypatch.setattr(declaration, "DECLARATION", tmp_path / "models.yml")
+    group_vars = tmp_path / "group_vars"
+    group_vars.mkdir()
+    (group_vars / "site.yml").write_text(
+        "nvidia_driver_branch: '590'\ngateway_port: 8181\ndcgm_exporter_listen: ':9499'\n")
+    monkeypatch.setattr(gpu_smoke, "GROUP_VARS", group_vars)
+    exp = gpu_smoke.expected("g5.xlarge")
+    cmds = gpu_smoke.commands(exp)
+    assert exp.driver_branch == "590"
+    assert "http://127.0.0.1:9499/metrics" in cmds[1]
+    assert "systemctl is-active vllm@other2.service" in cmds[4] and ":9102/health" in cmds[4]
+    assert all("127.0.0.1:8181/v1/" in c for c in cmds[5:8])
+    assert not any(":8000/" in c or "text2sql" in c for c in cmds)
+
+
+def test_smoke_gpu_says_when_a_host_cannot_be_reached(paths, tmp_path, monkeypatch, capsys):
+    _inventory_on_loopback(paths)
+    monkeypatch.setenv("LLM_API_KEY", KEY)
+    paths.tool("ssh", 'echo "ssh: connect to host 127.0.0.1 port 22: Connection refused" >&2\n'
+                      "exit 255\n")
+    assert paths.run("smoke-gpu") == 2
+    err = one_error_line(capsys.readouterr())
+    assert "llm-gpu-0 (127.0.0.1): ssh failed: ssh: connect to host" in err
+    assert "admin_cidrs" in err
