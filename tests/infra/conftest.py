@@ -32,13 +32,14 @@ def test_hosts() -> Iterator[list[testhosts.TestHost]]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    hosts = testhosts.start_hosts(TEST_HOST_NAMES)
-    try:
-        yield hosts
-    finally:
-        mine = [h for h in hosts if h.started]
-        if mine and not os.environ.get("TESTHOSTS_KEEP"):
-            testhosts.stop_hosts(mine)
+    with testhosts.session_lock():
+        hosts = testhosts.start_hosts(TEST_HOST_NAMES)
+        try:
+            yield hosts
+        finally:
+            mine = [h for h in hosts if h.started]
+            if mine and not os.environ.get("TESTHOSTS_KEEP"):
+                testhosts.stop_hosts(mine)
 
 
 @pytest.fixture(scope="session")

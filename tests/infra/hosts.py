@@ -53,6 +53,8 @@ REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / ".local"
 CACHE_DIR = LOCAL / "cache"
 STATE_DIR = LOCAL / "testhosts"
+# machine-wide, like the bridge and the addresses: one test-host session at a time
+SESSION_LOCK = Path("/run/lock/llm-testhosts.session")
 
 SUITE = "bookworm"
 # Bump ROOTFS_VERSION whenever the pristine tree's preparation changes; the package list is
@@ -128,6 +130,33 @@ def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def session_lock() -> Iterator[None]:
+    """Hold the machine's test hosts for one test session.
+
+    The bridge, the proxy port and the host addresses are machine-wide, the host state is
+    per checkout: a second checkout's session would boot over this one's hosts and, on its
+    way out, remove the bridge under them. It waits here instead, saying for whom.
+    """
+    path = SESSION_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            say(f"waiting for another test-host session to end ({fh.read().strip() or '?'})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}, {os.getcwd()}\n")
+        fh.flush()
         try:
             yield
         finally:
