@@ -65,6 +65,11 @@ class RateLimitConfig(_Strict):
     on_redis_error: Literal["open", "closed"] = Field(
         default="open", description="serve without counting (open) or refuse with 503 (closed)"
     )
+    timeout_s: float = Field(
+        default=0.5, gt=0, le=10,
+        description="longest wait for Redis (a free connection, then its answer) before "
+        "on_redis_error applies",
+    )
 
     @field_validator("redis_url")
     @classmethod

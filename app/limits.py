@@ -262,15 +262,16 @@ _REFUSED_BY = {1: REQUESTS, 2: TOKENS, 3: CONCURRENCY}
 class RedisLimiter:
     """Counters in Redis: every gateway process and host sharing the URL shares one budget."""
 
-    def __init__(self, url: str, window_s: float, lease_s: float, fail_open: bool):
+    def __init__(self, url: str, window_s: float, lease_s: float, fail_open: bool,
+                 timeout_s: float):
         self.window_s = window_s
         # a concurrency slot of a gateway that died mid-request frees itself after lease_s
         self.lease_s = lease_s
         self.fail_open = fail_open
         # a bounded pool that waits for a free connection rather than failing under bursts
         pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=1.0, socket_timeout=0.5,
-            socket_connect_timeout=0.5)
+            url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s)
         self.pool = pool
         self.redis = aioredis.Redis(connection_pool=pool)
         self._acquire = self.redis.register_script(_ACQUIRE)
@@ -324,7 +325,8 @@ class RedisLimiter:
 
 
 def make_limiter(redis_url: str | None, window_s: float, lease_s: float,
-                 on_redis_error: str) -> Limiter:
+                 on_redis_error: str, timeout_s: float) -> Limiter:
     if redis_url:
-        return RedisLimiter(redis_url, window_s, lease_s, fail_open=on_redis_error == "open")
+        return RedisLimiter(redis_url, window_s, lease_s, fail_open=on_redis_error == "open",
+                            timeout_s=timeout_s)
     return MemoryLimiter(window_s)

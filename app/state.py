@@ -42,7 +42,8 @@ class Gateway:
         rl = self.config.rate_limit
         # a crashed gateway's concurrency slots free themselves after the longest request
         lease = max(m.timeout_s for m in self.config.models) + 30
-        self.limiter = make_limiter(rl.redis_url, rl.window_s, lease, rl.on_redis_error)
+        self.limiter = make_limiter(rl.redis_url, rl.window_s, lease, rl.on_redis_error,
+                                    rl.timeout_s)
         self._keys_task = asyncio.create_task(self._watch_keys(), name="keys-watch")
 
     async def _watch_keys(self) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import GENEROUS, models_config
 from tests.integration.test_errors import assert_openai_error
-from tests.support.gateway import start_gateway
+from tests.support.gateway import redis_limits, start_gateway
 from tests.support.procs import PYTHON, Proc, free_port
 
 
@@ -65,7 +65,7 @@ def hostile_gw(request, backends, bad_backend, tmp_path_factory):
     """The gateway under attack, with counters in process and in Redis."""
     cfg = gateway_config(backends, bad_backend)
     if request.param == "redis":
-        cfg["rate_limit"] = {"redis_url": request.getfixturevalue("redis_server")}
+        cfg["rate_limit"] = redis_limits(request.getfixturevalue("redis_server"))
         # a fresh key set: the Redis counters of the memory round must not carry over
     gw = start_gateway(tmp_path_factory.mktemp(f"hostile-{request.param}"), cfg, KEYS)
     yield gw

@@ -29,7 +29,7 @@ def make(request):
                 clock.now += s
         else:
             url = request.getfixturevalue("redis_server")
-            lim = RedisLimiter(url, window_s, lease_s=60, fail_open=False)
+            lim = RedisLimiter(url, window_s, lease_s=60, fail_open=False, timeout_s=5.0)
 
             async def advance(s):
                 await asyncio.sleep(s)
@@ -122,7 +122,7 @@ def test_redis_unreachable_fails_open_or_closed_as_configured():
     from app.limits import LimiterUnavailable
 
     async def go(fail_open):
-        lim = RedisLimiter("redis://127.0.0.1:1/0", 60, 60, fail_open=fail_open)
+        lim = RedisLimiter("redis://127.0.0.1:1/0", 60, 60, fail_open=fail_open, timeout_s=0.5)
         try:
             return await lim.acquire(budget(), rid(), 1)
         finally:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.conftest import models_config
-from tests.support.gateway import create_key, start_gateway
+from tests.support.gateway import create_key, redis_limits, start_gateway
 from tests.support.procs import free_port
 
 BODY = {"model": "sql-coder", "prompt": "a", "max_tokens": 1}
@@ -35,7 +35,7 @@ def limited_gateway(backends, tmp_path, request):
     """A gateway whose `limited` key allows 25 requests per window; Redis when asked."""
     rate_limit = {}
     if getattr(request, "param", None) == "redis":
-        rate_limit = {"redis_url": request.getfixturevalue("redis_server")}
+        rate_limit = redis_limits(request.getfixturevalue("redis_server"))
     gw = start_gateway(tmp_path, {"models": models_config(backends), "rate_limit": rate_limit},
                        {"limited": ["--rpm", "25", "--concurrency", "500"]})
     yield gw
@@ -49,7 +49,7 @@ def test_200_concurrent_requests_let_exactly_the_budget_through(limited_gateway)
 
 
 def test_two_gateway_processes_sharing_redis_share_one_budget(backends, tmp_path, redis_server):
-    cfg = {"models": models_config(backends), "rate_limit": {"redis_url": redis_server}}
+    cfg = {"models": models_config(backends), "rate_limit": redis_limits(redis_server)}
     first = start_gateway(tmp_path / "a", cfg, {"shared": ["--rpm", "40", "--concurrency", "500"]})
     # the second process reads the same keys file
     second = start_gateway(tmp_path / "b", {**cfg, "keys_file": str(first.folder / "keys.json")},

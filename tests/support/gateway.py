@@ -15,6 +15,15 @@ from app import keys as keys_cli
 from tests.support.procs import PYTHON, Proc, free_port
 
 
+def redis_limits(url: str) -> dict:
+    """`rate_limit` settings for tests that count exactly with Redis.
+
+    They fail closed with a generous wait: on a loaded 2-core CI machine the production
+    0.5 s wait can pass and fail open, over-admitting; a closed failure shows as a 503 instead.
+    """
+    return {"redis_url": url, "on_redis_error": "closed", "timeout_s": 5.0}
+
+
 def create_key(keys_file: Path, name: str, *flags: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):

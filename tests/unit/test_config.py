@@ -50,6 +50,10 @@ def test_duplicate_model_names_are_refused(tmp_path):
 def test_redis_url_must_be_a_redis_url(tmp_path):
     with pytest.raises(ConfigError, match=r"rate_limit\.redis_url"):
         load_config(write(tmp_path, {**GOOD, "rate_limit": {"redis_url": "http://x"}}))
+    with pytest.raises(ConfigError, match=r"rate_limit\.timeout_s"):
+        load_config(write(tmp_path, {**GOOD, "rate_limit": {"timeout_s": 0}}))
+    cfg = load_config(write(tmp_path, {**GOOD, "rate_limit": {"timeout_s": 2}}))
+    assert cfg.rate_limit.timeout_s == 2
 
 
 def test_missing_file_and_bad_yaml_say_what_to_do(tmp_path):
