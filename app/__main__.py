@@ -12,7 +12,7 @@ import uvicorn
 from app.config import ConfigError, config_path_from_env, load_config, settings_from_env
 from app.keys import KeyStoreError
 from app.logs import setup_logging
-from app.main import create_app
+from app.main import FastPath, create_app
 from app.state import Gateway
 
 # uvicorn's own backstop after the drain deadline: streams get this long to write their
@@ -65,7 +65,7 @@ def main() -> int:
         return 2
     setup_logging(settings.log_level)
     server = _DrainingServer(uvicorn.Config(
-        app, host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+        FastPath(app), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         access_log=False, log_config=None, lifespan="on", server_header=False,
         timeout_graceful_shutdown=config.drain_timeout_s + _END_STREAMS_GRACE_S,
         timeout_keep_alive=config.keepalive_timeout_s,

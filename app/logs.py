@@ -41,7 +41,30 @@ def setup_logging(level: str = "info") -> None:
 
 
 access_log = logging.getLogger("gateway.access")
+_ts_cache = [0, ""]  # (second, its formatted timestamp prefix)
+
+
+def _now() -> str:
+    t = time.time()
+    sec = int(t)
+    if sec != _ts_cache[0]:
+        _ts_cache[:] = [sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))]
+    return f"{_ts_cache[1]}.{int((t - sec) * 1000):03d}Z"
 
 
 def log_request(fields: dict) -> None:
-    access_log.info("", extra={"fields": fields})
+    """The access line, in the same JSON as every other line. Written straight to the
+    handler's stream, not through the logging machinery: that costs more CPU than the rest of
+    the request's bookkeeping, once per request."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    handlers = logging.getLogger().handlers
+    if len(handlers) != 1 or not isinstance(handlers[0].formatter, JsonFormatter):
+        access_log.info("", extra={"fields": fields})  # not set up by setup_logging
+        return
+    line = {"ts": _now(), "level": "info", "logger": access_log.name}
+    line.update(fields)
+    handler = handlers[0]
+    with handler.lock:
+        handler.stream.write(orjson.dumps(line).decode() + "\n")
+        handler.stream.flush()
