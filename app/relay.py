@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import aiohttp
 import anyio
 import orjson
-from starlette.responses import StreamingResponse
 
 from app.errors import error_body
 from app.state import ShuttingDown
@@ -36,20 +35,51 @@ def read_usage(ex: Exchange, usage) -> None:
         ex.completion_tokens = token_count(usage.get("completion_tokens"))
 
 
-class RelayResponse(StreamingResponse):
-    """Close the relay however the response ends (client gone, server shutting down), so the
-    backend request is cancelled and the bookkeeping done at once rather than at GC time."""
+class RelayResponse:
+    """The relayed stream as an ASGI response, sent event by event.
+
+    uvicorn drops writes to a closed connection silently, so one watcher task waits for the
+    client's disconnect and cancels the relay, which closes the backend connection (vLLM then
+    aborts the generation). The relay is closed however the response ends (client gone,
+    server shutting down), so the bookkeeping happens at once rather than at GC time.
+    A plain ASGI loop, not the framework's streaming response: its task group and cancel
+    scopes cost more per stream than the relay itself.
+    """
 
     def __init__(self, relay: SseRelay, headers: dict[str, str]):
-        super().__init__(relay.events(), media_type="text/event-stream", headers=headers)
         self.relay = relay
+        self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                        *((k.encode("latin-1"), v.encode("latin-1"))
+                          for k, v in headers.items())]
 
     async def __call__(self, scope, receive, send) -> None:
+        streaming = asyncio.current_task()
+        state = {"gone": False, "sent": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["sent"]:  # after the last event, receive() says disconnect too
+                state["gone"] = True
+                streaming.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        events = self.relay.events()
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            state["sent"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            streaming.uncancel()  # the client left: the request is over, not the server
         finally:
+            state["sent"] = True
+            watcher.cancel()
             with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
+                await events.aclose()
                 await self.relay.close()
 
 
