@@ -51,6 +51,16 @@ class Metrics:
             "1 when the keys file in force is the one on disk; 0 after a refused reload",
             registry=r)
         self.keys_last_reload_ok.set(1)  # the process does not start with a bad file
+        self._children: dict[tuple, object] = {}
+
+    def of(self, metric, *labels: str):
+        """`metric.labels(*labels)`, remembered: the library checks and converts the labels on
+        every call, several times per request on the hot path."""
+        try:
+            return self._children[(metric, labels)]
+        except KeyError:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+            return child
 
     def keys_reloaded(self, ok: bool) -> None:
         self.keys_last_reload_ok.set(1 if ok else 0)

@@ -115,20 +115,21 @@ class Exchange:
         key_name = self.key.name if self.key else "-"
         if self.reserved:
             self.backend.leave()
-            m.in_flight.labels(self.model).dec()
+            m.of(m.in_flight, self.model).dec()
             await gw.limiter.finish(self.budget, self.rid, self.settlement())
         if self.endpoint != "models":
-            m.requests.labels(self.model, key_name, str(self.status)).inc()
+            m.of(m.requests, self.model, key_name, str(self.status)).inc()
             if self.backend is not None:
-                m.duration.labels(self.model).observe(duration)
+                m.of(m.duration, self.model).observe(duration)
                 if self.overhead is not None:
-                    m.overhead.labels(self.model).observe(self.overhead)
+                    m.of(m.overhead, self.model).observe(self.overhead)
                 if self.ttfb is not None:
-                    m.ttfb.labels(self.model).observe(self.ttfb)
+                    m.of(m.ttfb, self.model).observe(self.ttfb)
                 if self.prompt_tokens:
-                    m.tokens.labels(self.model, key_name, "prompt").inc(self.prompt_tokens)
+                    m.of(m.tokens, self.model, key_name, "prompt").inc(self.prompt_tokens)
                 if self.completion_tokens:
-                    m.tokens.labels(self.model, key_name, "completion").inc(self.completion_tokens)
+                    m.of(m.tokens, self.model, key_name, "completion").inc(
+                        self.completion_tokens)
         # over the whole request: a stream's chunks may arrive in one read, so the time after
         # the first byte is no measure of the decode rate
         tps = round(self.completion_tokens / duration, 1) if self.completion_tokens else None
@@ -304,7 +305,7 @@ async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
         raise ApiError(503, f"model '{ex.model}' is at capacity; retry shortly",
                        "service_unavailable", "model_at_capacity", headers={"retry-after": "1"})
     ex.reserved, ex.reservation = True, wanted
-    gw.metrics.in_flight.labels(ex.model).inc()
+    gw.metrics.of(gw.metrics.in_flight, ex.model).inc()
     return decision
 
 
@@ -337,19 +338,28 @@ async def _fetch(backend: Backend, path: str, body: bytes, rid: str,
 
 
 async def _until_client_leaves(request: Request, work):
-    """Run `work`; if the client disconnects first, cancel it (closing the backend
-    connection, which makes vLLM abort the generation) and raise ClientGone."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
+    """Await `work`; if the client disconnects first, cancel it (closing the backend
+    connection, which makes vLLM abort the generation) and raise ClientGone. The work runs
+    in this task; one watcher task cancels it."""
+    me = asyncio.current_task()
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        await _disconnected(request)
+        left = True
+        me.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if not left:
+            raise
+        me.uncancel()
+        raise admission.ClientGone from None
     finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.cancelled() and task.done():
-        return task.result()
-    raise admission.ClientGone
+        watcher.cancel()
 
 
 async def _disconnected(request: Request) -> None:
