@@ -273,7 +273,7 @@ def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path |
     auto = [p for p in plans if not p.explicit]
     free = budget - fixed - ROUNDING * gpu_gib * len(auto)  # room for rounding each share up
     need_min = sum(want_kv[p.name][0] for p in auto)
-    if free < need_min:
+    if free < need_min - 1e-9:  # floating point: shares adding up to the margin fit
         short = need_min - free
         worst = max(auto or plans, key=lambda p: p.weights_gib + want_kv[p.name][0])
         raise PlanError(
@@ -351,7 +351,7 @@ def place(models: list[declaration.ModelSpec], target: Target, loaded: dict,
     declaration's order). On one GPU everything goes on GPU 0 and plan() says by how much the
     models miss it."""
     declaration.check_gpu_pins(models, target.count, target.name or "the target")
-    usable = target.gib * margin
+    usable = target.gib * margin + 1e-9  # shares that add up to the margin exactly fit
     need = {m.name: need_gib(m, loaded, target.gib) for m in models}
     for m in models:
         if need[m.name] > usable:

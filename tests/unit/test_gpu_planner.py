@@ -355,3 +355,9 @@ def test_cli_prints_each_gpus_models_and_shares_of_that_gpu(capsys, monkeypatch)
     assert gpu_planner.main(["--gpu", "g5.12xlarge", "--json"]) == 0
     shares = json.loads(capsys.readouterr().out)
     assert {n: s["gpu"] for n, s in shares.items()} == {"text2sql": 0, "sqlcoder": 1, "embed": 0}
+
+
+def test_declared_shares_that_fill_a_gpu_exactly_share_it():
+    # 0.81 + 0.11 is the margin itself; in floating point, of an H100's 79.65 GiB, a hair over
+    models = copies({"a": 0.81, "b": 0.11})
+    assert placed(models, gpu_planner.gpu_target("p5.48xlarge")) == {"a": 0, "b": 0}
