@@ -415,6 +415,10 @@ def table(plans: list[ModelPlan], gpu_gib: float) -> str:
                      for r in rows)
 
 
+# a GPU kind or size stands for one GPU; the instance type carries the count
+ONE_GPU = " (one GPU; name an instance type, e.g. g5.12xlarge, for its GPU count)"
+
+
 def gpu_target(value: str) -> Target:
     """An EC2 instance type (g5.xlarge), a GPU kind (a10g) or a size in GiB (22.5)."""
     key = value.strip().lower()
@@ -425,7 +429,7 @@ def gpu_target(value: str) -> Target:
     else:
         if gib <= 0:
             raise argparse.ArgumentTypeError(f"GPU size {value!r}: must be above 0 GiB")
-        return Target(f"{gib:g} GiB", gib, name=f"{gib:g} GiB")
+        return Target(f"{gib:g} GiB", gib, name=f"{gib:g} GiB{ONE_GPU}")
     if "." in key:
         try:
             kind, count = instance_gpus(key)
@@ -435,7 +439,7 @@ def gpu_target(value: str) -> Target:
         return Target(f"{key}: {count} x {g.name}, {g.mib} MiB each", g.gib, count, key)
     if key in GPUS:
         g = GPUS[key]
-        return Target(f"{g.name}, {g.mib} MiB", g.gib, name=key)
+        return Target(f"{g.name}, {g.mib} MiB", g.gib, name=f"{key}{ONE_GPU}")
     raise argparse.ArgumentTypeError(
         f"unknown GPU {value!r}: an EC2 instance type (g5.xlarge, g6.12xlarge ...), one of "
         f"{', '.join(GPUS)}, or a size in GiB")

@@ -292,6 +292,11 @@ def test_a_pin_beyond_the_instance_types_gpus_is_refused():
         gpu_planner.plan_gpus(models, gpu_planner.gpu_target("g5.12xlarge"))
     with pytest.raises(declaration.DeclarationError, match=r"g5\.xlarge has 1 GPU \(0\)"):
         gpu_planner.plan_gpus([spec("text2sql", gpu=1)], gpu_planner.gpu_target("g5.xlarge"))
+    # the vllm role's fallback without the inventory's instance type is one A10G
+    with pytest.raises(declaration.DeclarationError,
+                       match=r"but a10g \(one GPU; name an instance type, e\.g\. g5\.12xlarge, "
+                             r"for its GPU count\) has 1 GPU \(0\)"):
+        gpu_planner.plan_gpus([spec("text2sql", gpu=1)], gpu_planner.gpu_target("a10g"))
 
 
 def test_the_schema_refuses_a_negative_gpu():
