@@ -50,7 +50,7 @@ test-fast: deps-system venv ## unit + integration: the inner loop
 test: deps lint ## everything CI runs
 	$(PY) -m pytest tests
 
-plan-gpu: venv ## fit the declared models on one GPU (GPU=<instance type>|a10g|l4|...|<GiB>; default: terraform's instance_type)
+plan-gpu: venv ## place the declared models on the GPUs and size their shares (GPU=<instance type>|a10g|l4|...|<GiB>; default: terraform's instance_type)
 	@$(PY) -m stack.gpu_planner $(if $(GPU),--gpu $(GPU))
 
 bench-gateway: deps ## what the gateway adds over a direct call: latency and max rate

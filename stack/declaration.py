@@ -35,6 +35,8 @@ class ModelSpec(BaseModel):
     task: Literal["generate", "embed"] = "generate"
     port: int = Field(ge=1024, le=65535)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, lt=1)
+    # pin to this GPU of a multi-GPU instance (CUDA index); None: the planner places it
+    gpu: int | None = Field(default=None, ge=0)
     max_model_len: int = Field(gt=0)
     max_num_seqs: int = Field(gt=0)
     max_tokens: int = Field(gt=0)
@@ -68,6 +70,20 @@ class Declaration(BaseModel):
 
 class DeclarationError(Exception):
     pass
+
+
+def check_gpu_pins(models: list[ModelSpec], count: int, where: str) -> None:
+    """A model pinned with `gpu: N` needs an instance with more than N GPUs; `where` names the
+    instance type (or GPU) the count comes from. Only the planner knows the count, so it calls
+    this; the field itself is checked by the schema above."""
+    bad = [m for m in models if m.gpu is not None and m.gpu >= count]
+    if bad:
+        have = f"{count} GPUs (0-{count - 1})" if count > 1 else "1 GPU (0)"
+        pins = ", ".join(f"{m.name} (gpu: {m.gpu})" for m in bad)
+        raise DeclarationError(
+            f"model declaration pins {pins}, but {where} has {have}: pin a GPU it has, drop "
+            f"`gpu` to let the planner place the model, or deploy an instance type with more "
+            f"GPUs")
 
 
 def load(path: Path = DECLARATION) -> list[ModelSpec]:

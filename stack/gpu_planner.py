@@ -1,5 +1,5 @@
-"""GPU memory planner: --gpu-memory-utilization for each model sharing one GPU, computed from
-the models' architectures instead of guessed.
+"""GPU memory planner: which GPU each model runs on, and its --gpu-memory-utilization there,
+computed from the models' architectures instead of guessed.
 
     python -m stack.gpu_planner [--gpu g5.xlarge|a10g|l4|...|<GiB>] [--models-dir DIR]
 
@@ -7,6 +7,12 @@ the models' architectures instead of guessed.
 in GiB; without it, the instance_type Terraform deploys (terraform.tfvars, TF_VAR_instance_type,
 else g5.xlarge). Sizes are what the cards report (nvidia-smi's memory.total, the total vLLM
 takes each share of), not the marketing figure: an A10G sold as 24 GB reports 23,028 MiB.
+
+Placement (multi-GPU instance types, e.g. g5.12xlarge = 4 x A10G): each model runs on one GPU
+(the vllm role sets CUDA_VISIBLE_DEVICES to its index). A model pinned in the declaration
+(`gpu: N`) goes there; the others go first-fit decreasing: biggest need first, each on the
+lowest-numbered GPU with room. That packs the models onto as few GPUs as they fit on and leaves
+the rest idle; pin models to spread them. Then each GPU's models share it as below.
 
 vLLM's rules it follows:
 - each instance's --gpu-memory-utilization is a share of the WHOLE GPU, and an instance refuses
@@ -99,12 +105,13 @@ def instance_gpus(instance_type: str) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class Target:
-    """What the planner fits the models on: one GPU of this size (each vLLM instance runs on
-    one GPU; the others of a multi-GPU instance are listed, not planned)."""
+    """What the planner places the models on: `count` GPUs of `gib` each (each vLLM instance
+    runs on one of them)."""
 
-    label: str
+    label: str  # the heading of the plan
     gib: float
     count: int = 1
+    name: str = ""  # what was asked for: an instance type, a GPU kind, a size
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8": 1, "F32": 4, "F16": 2,
                "BF16": 2, "F8_E4M3": 1, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "BOOL": 1}
@@ -117,6 +124,8 @@ CUDA_GRAPHS_GIB = 0.4
 MAX_NUM_BATCHED_TOKENS = 8192
 # the sum of shares stays under this: room for the driver, DCGM and fragmentation
 DEFAULT_MARGIN = 0.92
+# room kept per planned share, of the GPU, for rounding it to 3 decimals
+ROUNDING = 0.001
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
@@ -204,6 +213,7 @@ class ModelPlan:
     kv_tokens: int = 0
     full_context_seqs: int = 0
     explicit: bool = False
+    gpu: int = 0  # index on a multi-GPU instance (CUDA_VISIBLE_DEVICES)
 
 
 def kv_tokens(arch: Architecture, kv_bytes: float) -> int:
@@ -226,21 +236,33 @@ def load_architecture(spec: declaration.ModelSpec, models_dir: Path | None) -> t
                     f"add {CONFIGS / spec.hf_repo / 'config.json'}")
 
 
+def footprint(m: declaration.ModelSpec, arch: Architecture,
+              weights: int) -> tuple[float, float, float, float]:
+    """GiB of (weights, overheads, KV of one full-context sequence, KV of max_num_seqs of them):
+    vLLM needs room for at least one sequence at full context; it wants all of them."""
+    batched = max(MAX_NUM_BATCHED_TOKENS, m.max_model_len)
+    overhead = (NON_TORCH_GIB + (CUDA_GRAPHS_GIB if arch.decoder else 0)
+                + arch.activation_bytes(batched, m.max_num_seqs) / GIB)
+    per_seq = math.ceil(m.max_model_len / BLOCK_SIZE) * BLOCK_SIZE * arch.kv_bytes_per_token
+    return weights / GIB, overhead, per_seq / GIB, per_seq * m.max_num_seqs / GIB
+
+
+def load_all(models: list[declaration.ModelSpec], models_dir: Path | None,
+             architectures: dict | None = None) -> dict:
+    return {m.name: (architectures or {}).get(m.name) or load_architecture(m, models_dir)
+            for m in models}
+
+
 def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path | None = None,
          margin: float = DEFAULT_MARGIN, architectures: dict | None = None) -> list[ModelPlan]:
+    """The shares of models that run on one GPU."""
     budget = gpu_gib * margin
-    loaded = {m.name: (architectures or {}).get(m.name) or load_architecture(m, models_dir)
-              for m in models}
+    loaded = load_all(models, models_dir, architectures)
     plans, want_kv = [], {}
     for m in models:
-        arch, weights = loaded[m.name]
-        batched = max(MAX_NUM_BATCHED_TOKENS, m.max_model_len)
-        overhead = (NON_TORCH_GIB + (CUDA_GRAPHS_GIB if arch.decoder else 0)
-                    + arch.activation_bytes(batched, m.max_num_seqs) / GIB)
-        p = ModelPlan(m.name, weights / GIB, overhead)
-        # vLLM needs room for at least one sequence at full context; it wants all of them
-        per_seq = math.ceil(m.max_model_len / BLOCK_SIZE) * BLOCK_SIZE * arch.kv_bytes_per_token
-        want_kv[m.name] = (per_seq / GIB, per_seq * m.max_num_seqs / GIB)
+        weights_gib, overhead, one_seq, all_seqs = footprint(m, *loaded[m.name])
+        p = ModelPlan(m.name, weights_gib, overhead)
+        want_kv[m.name] = (one_seq, all_seqs)
         if m.gpu_memory_utilization is not None:
             p.fraction, p.explicit = m.gpu_memory_utilization, True
             p.kv_gib = max(0.0, p.fraction * gpu_gib - p.weights_gib - p.overhead_gib)
@@ -249,9 +271,9 @@ def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path |
     fixed = sum(p.weights_gib + p.overhead_gib for p in plans if not p.explicit)
     fixed += sum(p.fraction * gpu_gib for p in plans if p.explicit)
     auto = [p for p in plans if not p.explicit]
-    free = budget - fixed - 0.001 * gpu_gib * len(auto)  # room for rounding each share up
+    free = budget - fixed - ROUNDING * gpu_gib * len(auto)  # room for rounding each share up
     need_min = sum(want_kv[p.name][0] for p in auto)
-    if free < need_min:
+    if free < need_min - 1e-9:  # floating point: shares adding up to the margin fit
         short = need_min - free
         worst = max(auto or plans, key=lambda p: p.weights_gib + want_kv[p.name][0])
         raise PlanError(
@@ -289,6 +311,96 @@ def plan(models: list[declaration.ModelSpec], gpu_gib: float, models_dir: Path |
     return plans
 
 
+def need_gib(m: declaration.ModelSpec, loaded: dict, gpu_gib: float) -> float:
+    """The least a model takes of one GPU: its declared share, else its weights, overheads,
+    one full-context sequence and the rounding room plan() keeps (so whatever place() puts on
+    a GPU, plan() fits on it)."""
+    if m.gpu_memory_utilization is not None:
+        return m.gpu_memory_utilization * gpu_gib
+    weights, overhead, one_seq, _ = footprint(m, *loaded[m.name])
+    return weights + overhead + one_seq + ROUNDING * gpu_gib
+
+
+def _too_big(m: declaration.ModelSpec, need: float, loaded: dict, target: Target,
+             margin: float) -> PlanError:
+    usable = target.gib * margin
+    if m.gpu_memory_utilization is not None:
+        parts = f"its declared gpu_memory_utilization {m.gpu_memory_utilization}"
+        fix = f"lower its gpu_memory_utilization to {margin} or less, or set it to null"
+    else:
+        weights, overhead, one_seq, _ = footprint(m, *loaded[m.name])
+        parts = (f"weights {weights:.2f}, overheads {overhead:.2f}, one {m.max_model_len}-token "
+                 f"sequence {one_seq:.2f}")
+        fix = "lower its max_model_len or max_num_seqs, or use a smaller or quantized model"
+        larger = sorted((g.gib, f"{family}.* ({g.name}, {g.gib:.4g} GiB)")
+                        for family, (kind, _) in INSTANCE_GPUS.items()
+                        if (g := GPUS[kind]).gib * margin >= need and g.gib > target.gib)
+        if larger:
+            fix += f", or deploy an instance type with larger GPUs: " \
+                   f"{', '.join(text for _, text in larger)}"
+    return PlanError(
+        f"{m.name} fits on no single GPU: it needs {need:.2f} GiB ({parts}), and the largest "
+        f"GPU here ({target.label}) has {usable:.2f} GiB usable ({margin} of it): "
+        f"{need - usable:.2f} GiB short. Each model runs on one GPU: {fix}.")
+
+
+def place(models: list[declaration.ModelSpec], target: Target, loaded: dict,
+          margin: float = DEFAULT_MARGIN) -> dict[str, int]:
+    """GPU index of each model: a pinned model (`gpu: N`) on its GPU, the others first-fit
+    decreasing (biggest need first, each on the lowest-numbered GPU with room; ties keep the
+    declaration's order). On one GPU everything goes on GPU 0 and plan() says by how much the
+    models miss it."""
+    declaration.check_gpu_pins(models, target.count, target.name or "the target")
+    usable = target.gib * margin + 1e-9  # shares that add up to the margin exactly fit
+    need = {m.name: need_gib(m, loaded, target.gib) for m in models}
+    for m in models:
+        if need[m.name] > usable:
+            raise _too_big(m, need[m.name], loaded, target, margin)
+    used = [0.0] * target.count
+    on: list[list[str]] = [[] for _ in range(target.count)]
+    gpu_of: dict[str, int] = {}
+    pinned = [m for m in models if m.gpu is not None]
+    # biggest first: placed last, a big model can find every GPU part-filled by small ones
+    rest = sorted((m for m in models if m.gpu is None), key=lambda m: -need[m.name])
+    for m in pinned + rest:
+        candidates = [m.gpu] if m.gpu is not None else range(target.count)
+        gpu = next((i for i in candidates if used[i] + need[m.name] <= usable), None)
+        if gpu is None and target.count == 1:
+            gpu = 0
+        elif gpu is None:
+            left = "; ".join(f"GPU {i}: {usable - used[i]:.2f} GiB left"
+                             + (f" after {', '.join(on[i])}" if on[i] else "")
+                             for i in candidates)
+            where = (f"its pinned GPU {m.gpu}" if m.gpu is not None
+                     else f"any of the {target.count} GPUs of {target.name or 'the target'}")
+            raise PlanError(
+                f"{m.name} needs {need[m.name]:.2f} GiB and {where} has no room for it ({left}"
+                f"). " + ("Pin it to another GPU or drop its `gpu` to let the planner place "
+                          "it; or lower" if m.gpu is not None else "Lower")
+                + " max_model_len or max_num_seqs, declare fewer or smaller models, or deploy "
+                  "an instance type with more or larger GPUs.")
+        gpu_of[m.name] = gpu
+        used[gpu] += need[m.name]
+        on[gpu].append(m.name)
+    return gpu_of
+
+
+def plan_gpus(models: list[declaration.ModelSpec], target: Target,
+              models_dir: Path | None = None, margin: float = DEFAULT_MARGIN,
+              architectures: dict | None = None) -> list[ModelPlan]:
+    """Each model's GPU (place()) and its share of that GPU (plan() of the GPU's models), in
+    the declaration's order."""
+    loaded = load_all(models, models_dir, architectures)
+    gpu_of = place(models, target, loaded, margin)
+    planned: dict[str, ModelPlan] = {}
+    for gpu in sorted(set(gpu_of.values())):
+        for p in plan([m for m in models if gpu_of[m.name] == gpu], target.gib, models_dir,
+                      margin, loaded):
+            p.gpu = gpu
+            planned[p.name] = p
+    return [planned[m.name] for m in models]
+
+
 def table(plans: list[ModelPlan], gpu_gib: float) -> str:
     rows = [("MODEL", "WEIGHTS GiB", "OVERHEAD GiB", "KV GiB", "KV TOKENS", "SEQS@FULL CTX",
              "--gpu-memory-utilization")]
@@ -303,6 +415,10 @@ def table(plans: list[ModelPlan], gpu_gib: float) -> str:
                      for r in rows)
 
 
+# a GPU kind or size stands for one GPU; the instance type carries the count
+ONE_GPU = " (one GPU; name an instance type, e.g. g5.12xlarge, for its GPU count)"
+
+
 def gpu_target(value: str) -> Target:
     """An EC2 instance type (g5.xlarge), a GPU kind (a10g) or a size in GiB (22.5)."""
     key = value.strip().lower()
@@ -313,17 +429,17 @@ def gpu_target(value: str) -> Target:
     else:
         if gib <= 0:
             raise argparse.ArgumentTypeError(f"GPU size {value!r}: must be above 0 GiB")
-        return Target(f"{gib:g} GiB", gib)
+        return Target(f"{gib:g} GiB", gib, name=f"{gib:g} GiB{ONE_GPU}")
     if "." in key:
         try:
             kind, count = instance_gpus(key)
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         g = GPUS[kind]
-        return Target(f"{key}: {count} x {g.name}, {g.mib} MiB each", g.gib, count)
+        return Target(f"{key}: {count} x {g.name}, {g.mib} MiB each", g.gib, count, key)
     if key in GPUS:
         g = GPUS[key]
-        return Target(f"{g.name}, {g.mib} MiB", g.gib)
+        return Target(f"{g.name}, {g.mib} MiB", g.gib, name=f"{key}{ONE_GPU}")
     raise argparse.ArgumentTypeError(
         f"unknown GPU {value!r}: an EC2 instance type (g5.xlarge, g6.12xlarge ...), one of "
         f"{', '.join(GPUS)}, or a size in GiB")
@@ -342,15 +458,36 @@ def default_gpu(tf_dir: Path | None = None) -> str:
                            tf_dir=tf_dir or aws_ops.TF_DIR)
 
 
+def report(plans: list[ModelPlan], target: Target) -> str:
+    """The plan as `make plan-gpu` prints it: one table on a single GPU, one per GPU in use on
+    a multi-GPU instance."""
+    if target.count == 1:
+        return (f"GPU: {target.label}; shares are of one GPU's reported memory\n"
+                + table(plans, target.gib))
+    out = [f"GPU: {target.label}; each model runs on one GPU, its share is of that GPU's "
+           "reported memory"]
+    for gpu in range(target.count):
+        mine = [p for p in plans if p.gpu == gpu]
+        if mine:
+            out += ["", f"GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu})", table(mine, target.gib)]
+    idle = [str(i) for i in range(target.count) if not any(p.gpu == i for p in plans)]
+    if idle:
+        out += ["", f"idle: GPU {', '.join(idle)} (the models fit on fewer; pin one there with "
+                    "`gpu: <index>` in the declaration to give it a GPU of its own)"]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stack.gpu_planner",
-                                 description="Fit the declared models on one GPU.")
+                                 description="Place the declared models on the GPUs and size "
+                                             "their shares.")
     ap.add_argument("--gpu", type=gpu_target,
                     help="EC2 instance type, GPU kind or size in GiB (default: the "
                          "instance_type Terraform deploys)")
     ap.add_argument("--models-dir", type=Path, help="downloaded models (<dir>/<name>)")
     ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
-    ap.add_argument("--json", action="store_true", help="{name: gpu_memory_utilization}")
+    ap.add_argument("--json", action="store_true",
+                    help='{name: {"gpu": index, "gpu_memory_utilization": share}}')
     ap.add_argument("--tf-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.gpu is None:
@@ -359,17 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             ap.error(f"instance_type from the Terraform settings: {e}")
     try:
-        plans = plan(declaration.load(), args.gpu.gib, args.models_dir, args.margin)
+        plans = plan_gpus(declaration.load(), args.gpu, args.models_dir, args.margin)
     except (PlanError, declaration.DeclarationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({p.name: p.fraction for p in plans}))
+        print(json.dumps({p.name: {"gpu": p.gpu, "gpu_memory_utilization": p.fraction}
+                          for p in plans}))
     else:
-        print(f"GPU: {args.gpu.label}; shares are of one GPU's reported memory")
-        if args.gpu.count > 1:
-            print(f"note: every model runs on GPU 0; the other {args.gpu.count - 1} stay idle")
-        print(table(plans, args.gpu.gib))
+        print(report(plans, args.gpu))
     return 0
 
 

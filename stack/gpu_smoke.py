@@ -10,7 +10,7 @@ In order, stopping at the first failure (docs/aws.md, "First real deploy"):
 4. request  one completion (one embedding for an embed model) through the gateway on the
             host's loopback (gateway_port), with the operator's key sent on ssh's stdin;
 5. memory   GPU memory each engine holds (nvidia-smi --query-compute-apps) next to the
-            planner's share: information, never a failure.
+            planner's share (and, on a multi-GPU type, its GPU): information, never a failure.
 
 Nothing here is a copy: ports, units, the branch, the fields and the shares are read from the
 declaration, the roles and the planner each time. This module only builds commands and reads
@@ -55,6 +55,7 @@ class Expected:
     gateway_port: int
     models: tuple[declaration.ModelSpec, ...]
     shares: dict[str, float] = field(default_factory=dict)
+    gpus: dict[str, int] = field(default_factory=dict)  # on multi-GPU types only
 
 
 @dataclass
@@ -91,20 +92,21 @@ def alert_dcgm_fields() -> tuple[str, ...]:
 
 
 def expected(instance_type: str) -> Expected:
-    kind, _ = gpu_planner.instance_gpus(instance_type)
+    kind, count = gpu_planner.instance_gpus(instance_type)
     gpu = gpu_planner.GPUS[kind]
     models = tuple(declaration.load(declaration.DECLARATION))
     try:
-        shares = {p.name: p.fraction for p in gpu_planner.plan(list(models), gpu.gib)}
-    except gpu_planner.PlanError:
-        shares = {}
+        plans = gpu_planner.plan_gpus(list(models), gpu_planner.gpu_target(instance_type))
+    except (gpu_planner.PlanError, declaration.DeclarationError):
+        plans = []
     listen = str(ansible_setting("dcgm_exporter", "dcgm_exporter_listen"))
     return Expected(
         instance_type=instance_type, gpu=gpu,
         driver_branch=str(ansible_setting("nvidia_driver", "nvidia_driver_branch")),
         dcgm_port=int(listen.rsplit(":", 1)[1]), dcgm_fields=alert_dcgm_fields(),
         gateway_port=int(ansible_setting("gateway", "gateway_port")), models=models,
-        shares=shares)
+        shares={p.name: p.fraction for p in plans},
+        gpus={p.name: p.gpu for p in plans} if count > 1 else {})
 
 
 def unit(model: declaration.ModelSpec) -> str:
@@ -261,7 +263,10 @@ def check_memory(exp: Expected, run: Runner) -> Result:
     figures = []
     for m in exp.models:
         share = exp.shares.get(m.name)
-        planned = f"/{share * exp.gpu.mib:.0f} MiB (share {share:.3f})" if share else " MiB"
+        planned = " MiB"
+        if share:
+            on = f" of GPU {exp.gpus[m.name]}" if m.name in exp.gpus else ""
+            planned = f"/{share * exp.gpu.mib:.0f} MiB (share {share:.3f}{on})"
         figures.append(f"{m.name} {used.pop(unit(m), 0)}{planned}")
     figures += [f"{u or 'other'} {mib} MiB" for u, mib in used.items()]
     return Result("gpu memory", "info", "; ".join(figures))

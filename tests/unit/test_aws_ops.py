@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -978,3 +979,26 @@ def test_smoke_gpu_says_when_a_host_cannot_be_reached(paths, tmp_path, monkeypat
     err = one_error_line(capsys.readouterr())
     assert "llm-gpu-0 (127.0.0.1): ssh failed: ssh: connect to host" in err
     assert "admin_cidrs" in err
+
+
+def test_smoke_gpu_shows_each_engines_gpu_on_a_multi_gpu_type(tmp_path, monkeypatch):
+    """The planned shares come from the planner's placement: on a g5.12xlarge a pinned model
+    has a GPU of its own (share of that GPU), and the memory line says which GPU."""
+    from stack import declaration, gpu_smoke
+
+    answer = healthy_host()[SMOKE_MEMORY]
+    # one GPU: no GPU index, as before
+    single = gpu_smoke.check_memory(gpu_smoke.expected("g5.xlarge"),
+                                    lambda cmd, stdin: (answer[0], answer[1], "")).seen
+    assert "of GPU" not in single and "sqlcoder 14390/" in single
+
+    pinned = yaml.safe_load(declaration.DECLARATION.read_text())
+    pinned["llm_models"][1]["gpu"] = 1  # sqlcoder
+    (tmp_path / "models.yml").write_text(yaml.safe_dump(pinned))
+    monkeypatch.setattr(declaration, "DECLARATION", tmp_path / "models.yml")
+    exp = gpu_smoke.expected("g5.12xlarge")
+    assert exp.gpus == {"text2sql": 0, "sqlcoder": 1, "embed": 0}
+    assert exp.shares["sqlcoder"] > 0.9  # alone on GPU 1
+    seen = gpu_smoke.check_memory(exp, lambda cmd, stdin: (answer[0], answer[1], "")).seen
+    assert re.search(r"sqlcoder 14390/\d+ MiB \(share 0\.9\d\d of GPU 1\)", seen), seen
+    assert re.search(r"text2sql 5880/\d+ MiB \(share 0\.\d+ of GPU 0\)", seen), seen

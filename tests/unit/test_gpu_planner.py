@@ -157,7 +157,7 @@ def test_cli_defaults_to_the_instance_type_terraform_deploys(tmp_path, capsys, m
     assert gpu_planner.main(["--tf-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "g6.12xlarge: 4 x NVIDIA L4, 23034 MiB each" in out
-    assert "the other 3 stay idle" in out
+    assert "idle: GPU 1, 2, 3" in out  # the seed models fit on one L4
     (tmp_path / "terraform.tfvars").unlink()
     monkeypatch.setenv("TF_VAR_instance_type", "g4dn.xlarge")
     assert gpu_planner.main(["--tf-dir", str(tmp_path), "--json"]) == 0
@@ -204,3 +204,165 @@ def test_local_tiny_architecture_kv(tmp_path):
                                   "num_key_value_heads": 1, "num_hidden_layers": 4,
                                   "vocab_size": 4096, "torch_dtype": "float32"})
     assert a.kv_bytes_per_token == 2 * 4 * 1 * 64 * 4
+
+
+# --- placement on multi-GPU instance types (each model on one GPU) ----------------------------
+
+# `make plan-gpu GPU=g5.xlarge` before placement existed, character for character
+G5_XLARGE_PLAN = """\
+GPU: g5.xlarge: 1 x NVIDIA A10G, 23028 MiB each; shares are of one GPU's reported memory
+MODEL     WEIGHTS GiB  OVERHEAD GiB  KV GiB  KV TOKENS  SEQS@FULL CTX  --gpu-memory-utilization
+text2sql  2.88         1.39          1.50    56032      13             0.256
+sqlcoder  2.51         1.30          10.25   55968      13             0.625
+embed     0.08         0.74          0.01    0          64             0.037
+total                                                                  0.918 of 22.49 GiB
+"""
+
+
+def copies(shares: dict[str, float], **over) -> list[declaration.ModelSpec]:
+    """text2sql under other names, each with a declared share (so its need is exact)."""
+    base = spec("text2sql")
+    return [base.model_copy(update={"name": name, "port": 9000 + i,
+                                    "gpu_memory_utilization": share, **over})
+            for i, (name, share) in enumerate(shares.items())]
+
+
+def placed(models, target) -> dict[str, int]:
+    return {p.name: p.gpu for p in gpu_planner.plan_gpus(models, target)}
+
+
+def test_single_gpu_output_is_unchanged_for_g5_xlarge(capsys):
+    assert gpu_planner.main(["--gpu", "g5.xlarge"]) == 0
+    assert capsys.readouterr().out == G5_XLARGE_PLAN
+    assert gpu_planner.main(["--gpu", "g5.xlarge", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "text2sql": {"gpu": 0, "gpu_memory_utilization": 0.256},
+        "sqlcoder": {"gpu": 0, "gpu_memory_utilization": 0.625},
+        "embed": {"gpu": 0, "gpu_memory_utilization": 0.037}}
+
+
+def test_on_one_gpu_placement_changes_nothing_of_the_plan():
+    target = gpu_planner.gpu_target("g5.xlarge")
+    assert gpu_planner.plan_gpus(SEED, target) == plan(SEED, target.gib)
+
+
+def test_largest_first_fits_what_declaration_order_would_not():
+    # 2 GPUs, 0.92 of each usable. In declaration order first-fit puts both small models on
+    # GPU 0 (0.5), the first big one on GPU 1 (0.6), and finds no room for the second big one.
+    # Biggest first: one big and one small model per GPU (0.85 each).
+    models = copies({"small-a": 0.25, "small-b": 0.25, "big-c": 0.6, "big-d": 0.6})
+    two = gpu_planner.Target("2 x A10G", A10G_GIB, count=2, name="2 x A10G")
+    assert placed(models, two) == {"big-c": 0, "big-d": 1, "small-a": 0, "small-b": 1}
+    for gpu in (0, 1):
+        plans = [p for p in gpu_planner.plan_gpus(models, two) if p.gpu == gpu]
+        assert sum(p.fraction for p in plans) == pytest.approx(0.85)
+
+
+def test_placement_is_deterministic_and_packs_the_lowest_numbered_gpus_first():
+    # equal needs keep the declaration's order; the seed models fit on GPU 0 of a g5.12xlarge
+    models = copies({"a": 0.3, "b": 0.3, "c": 0.3, "d": 0.3})
+    target = gpu_planner.gpu_target("g5.12xlarge")
+    assert placed(models, target) == {"a": 0, "b": 0, "c": 0, "d": 1}
+    assert placed(list(reversed(models)), target) == {"d": 0, "c": 0, "b": 0, "a": 1}
+    assert set(placed(SEED, target).values()) == {0}
+
+
+def test_a_pinned_model_runs_on_its_gpu_and_the_others_are_planned_around_it():
+    models = [spec("text2sql"), spec("sqlcoder", gpu=2), spec("embed")]
+    target = gpu_planner.gpu_target("g5.12xlarge")
+    plans = {p.name: p for p in gpu_planner.plan_gpus(models, target)}
+    assert {n: p.gpu for n, p in plans.items()} == {"text2sql": 0, "sqlcoder": 2, "embed": 0}
+    # alone on its GPU, sqlcoder gets the whole usable share: far more KV cache than shared
+    assert plans["sqlcoder"].fraction == pytest.approx(0.92, abs=0.002)
+    assert plans["sqlcoder"].kv_gib > 1.5 * plan(SEED, target.gib)[1].kv_gib
+    assert plans["text2sql"].fraction + plans["embed"].fraction <= gpu_planner.DEFAULT_MARGIN
+
+
+def test_pinned_models_go_first_even_when_smaller():
+    # unpinned, big-a would take GPU 0; the small model pinned there keeps it
+    models = copies({"big-a": 0.8, "small-b": 0.3})
+    models[1] = models[1].model_copy(update={"gpu": 0})
+    assert placed(models, gpu_planner.gpu_target("g6.12xlarge")) == {"big-a": 1, "small-b": 0}
+
+
+def test_a_pin_beyond_the_instance_types_gpus_is_refused():
+    models = [spec("text2sql", gpu=4), spec("sqlcoder"), spec("embed")]
+    with pytest.raises(declaration.DeclarationError,
+                       match=r"pins text2sql \(gpu: 4\), but g5\.12xlarge has 4 GPUs \(0-3\)"):
+        gpu_planner.plan_gpus(models, gpu_planner.gpu_target("g5.12xlarge"))
+    with pytest.raises(declaration.DeclarationError, match=r"g5\.xlarge has 1 GPU \(0\)"):
+        gpu_planner.plan_gpus([spec("text2sql", gpu=1)], gpu_planner.gpu_target("g5.xlarge"))
+    # the vllm role's fallback without the inventory's instance type is one A10G
+    with pytest.raises(declaration.DeclarationError,
+                       match=r"but a10g \(one GPU; name an instance type, e\.g\. g5\.12xlarge, "
+                             r"for its GPU count\) has 1 GPU \(0\)"):
+        gpu_planner.plan_gpus([spec("text2sql", gpu=1)], gpu_planner.gpu_target("a10g"))
+
+
+def test_the_schema_refuses_a_negative_gpu():
+    with pytest.raises(ValueError, match="gpu"):
+        spec("text2sql", gpu=-1)
+
+
+def test_a_model_no_single_gpu_holds_is_refused_with_what_to_lower():
+    # one 65536-token sequence of the MHA sqlcoder is 12 GiB of KV cache: no T4 holds it
+    big = spec("sqlcoder", max_model_len=65536)
+    with pytest.raises(PlanError) as e:
+        gpu_planner.plan_gpus([spec("text2sql"), big], gpu_planner.gpu_target("g4dn.12xlarge"))
+    message = str(e.value)
+    assert re.search(r"^sqlcoder fits on no single GPU: it needs \d+\.\d\d GiB", message)
+    assert "one 65536-token sequence 12.00" in message
+    assert "largest GPU here (g4dn.12xlarge: 4 x Tesla T4, 15360 MiB each) has 13.80 GiB" in message
+    assert "lower its max_model_len or max_num_seqs" in message
+    # instance types whose GPU would hold it, smallest first; never the T4 itself
+    assert message.endswith(
+        "larger GPUs: g5.* (NVIDIA A10G, 22.49 GiB), g6.* (NVIDIA L4, 22.49 GiB), "
+        "p4d.* (NVIDIA A100-SXM4-40GB, 40 GiB), g6e.* (NVIDIA L40S, 44.99 GiB), "
+        "p5.* (NVIDIA H100 80GB HBM3, 79.65 GiB).")
+    assert "tensor" not in message  # not implemented, so never suggested
+
+
+def test_a_declared_share_above_the_margin_is_refused_with_what_to_lower():
+    with pytest.raises(PlanError, match=r"^text2sql fits on no single GPU.*declared "
+                                        r"gpu_memory_utilization 0\.95.*lower its "
+                                        r"gpu_memory_utilization to 0\.92 or less"):
+        gpu_planner.plan_gpus(copies({"text2sql": 0.95}), gpu_planner.gpu_target("g5.12xlarge"))
+
+
+def test_models_that_fit_no_gpu_left_are_refused_naming_each_gpus_room():
+    models = copies({f"m{i}": 0.6 for i in range(5)})
+    with pytest.raises(PlanError, match=r"^m4 needs 13\.49 GiB and any of the 4 GPUs of "
+                                        r"g5\.12xlarge has no room for it \(GPU 0: 7\.20 GiB "
+                                        r"left after m0; .*GPU 3: 7\.20 GiB left after m3\)"):
+        gpu_planner.plan_gpus(models, gpu_planner.gpu_target("g5.12xlarge"))
+
+
+def test_a_pinned_model_without_room_on_its_gpu_is_refused():
+    models = copies({"a": 0.6, "b": 0.6})
+    models = [m.model_copy(update={"gpu": 1}) for m in models]
+    with pytest.raises(PlanError, match=r"^b needs 13\.49 GiB and its pinned GPU 1 has no "
+                                        r"room for it \(GPU 1: 7\.20 GiB left after a\)\. Pin "
+                                        r"it to another GPU"):
+        gpu_planner.plan_gpus(models, gpu_planner.gpu_target("g5.12xlarge"))
+
+
+def test_cli_prints_each_gpus_models_and_shares_of_that_gpu(capsys, monkeypatch):
+    models = [spec("text2sql"), spec("sqlcoder", gpu=1), spec("embed")]
+    monkeypatch.setattr(declaration, "load", lambda *a, **k: models)
+    assert gpu_planner.main(["--gpu", "g5.12xlarge"]) == 0
+    out = capsys.readouterr().out
+    gpu0, gpu1 = out.split("GPU 0 (CUDA_VISIBLE_DEVICES=0)\n")[1].split(
+        "GPU 1 (CUDA_VISIBLE_DEVICES=1)\n")
+    assert "text2sql" in gpu0 and "embed" in gpu0 and "sqlcoder" not in gpu0
+    assert "sqlcoder" in gpu1 and "text2sql" not in gpu1
+    assert re.search(r"total +0\.9\d\d of 22\.49 GiB", gpu1)
+    assert "idle: GPU 2, 3" in out
+    assert gpu_planner.main(["--gpu", "g5.12xlarge", "--json"]) == 0
+    shares = json.loads(capsys.readouterr().out)
+    assert {n: s["gpu"] for n, s in shares.items()} == {"text2sql": 0, "sqlcoder": 1, "embed": 0}
+
+
+def test_declared_shares_that_fill_a_gpu_exactly_share_it():
+    # 0.81 + 0.11 is the margin itself; in floating point, of an H100's 79.65 GiB, a hair over
+    models = copies({"a": 0.81, "b": 0.11})
+    assert placed(models, gpu_planner.gpu_target("p5.48xlarge")) == {"a": 0, "b": 0}

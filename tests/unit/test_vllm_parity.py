@@ -14,6 +14,7 @@ pinned release accepts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,9 +23,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar, trust_as_template
 from packaging.requirements import Requirement
 
-from stack import declaration, vllm_lock
+from stack import declaration, gpu_planner, vllm_lock
 from stack.render import parse_env_file, parse_unit_file, render, resolve, role_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,8 +125,9 @@ def role_vars(gpu: bool) -> dict:
 def rendered(gpu: bool, model: declaration.ModelSpec) -> tuple[str, str]:
     v = {**role_vars(gpu), "vllm_instance": model.model_dump(),
          "vllm_model_path": f"/srv/models/{model.name}",
-         # configure.yml: the planner's share on GPU hosts, none on CPU hosts
-         "vllm_gpu_memory_utilization": 0.3 if gpu else None}
+         # configure.yml: the planner's share and GPU on GPU hosts, none on CPU hosts
+         "vllm_gpu_memory_utilization": 0.3 if gpu else None,
+         "vllm_gpu_index": 0 if gpu else None}
     return render("systemd/vllm.env.j2", v), render("systemd/vllm@.service.j2", v)
 
 
@@ -166,6 +170,71 @@ def test_the_difference_check_sees_an_undocumented_change():
            unit.replace("UMask=0027", "UMask=0022"))
     found = differences(rendered(True, model), cpu) - documented_differences()
     assert found == {"arg --disable-uvicorn-access-log", "unit Service.UMask"}
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _trusted(value):
+    if isinstance(value, str):
+        return trust_as_template(value)
+    if isinstance(value, dict):
+        return {k: _trusted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_trusted(v) for v in value]
+    return value
+
+
+def env_task_values(gpu: bool, model: declaration.ModelSpec, vllm_plan: dict) -> dict:
+    """The env-file task's own vars (tasks/configure.yml), evaluated by Ansible's templating
+    with `vllm_plan` as the planner task registers it."""
+    tasks = yaml.safe_load((ROLE / "tasks" / "configure.yml").read_text())
+    (task,) = [t for t in tasks if "vllm.env.j2" in str(t.get("ansible.builtin.template"))]
+    internals = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    variables = _trusted({**role_defaults("vllm"), **internals, **task["vars"]})
+    variables.update(vllm_gpu_enabled=gpu, vllm_instance=model.model_dump(), vllm_plan=vllm_plan)
+    templar = Templar(loader=DataLoader(), variables=variables)
+    return {k: templar.template(trust_as_template(v)) for k, v in task["vars"].items()
+            if k != "vllm_placement"}
+
+
+def rendered_envs(gpu: bool, models: list[declaration.ModelSpec],
+                  vllm_plan: dict) -> dict[str, dict[str, str]]:
+    out = {}
+    for m in models:
+        v = {**role_vars(gpu), "vllm_instance": m.model_dump(),
+             **env_task_values(gpu, m, vllm_plan)}
+        out[m.name] = parse_env_file(render("systemd/vllm.env.j2", v))
+    return out
+
+
+def test_each_instance_of_a_4_gpu_type_sees_only_the_gpu_the_planner_placed_it_on(
+        monkeypatch, capsys):
+    seed = {m.name: m for m in declaration.load()}
+    models = [seed["text2sql"], seed["sqlcoder"].model_copy(update={"gpu": 1}),
+              seed["embed"].model_copy(update={"gpu": 3})]
+    monkeypatch.setattr(declaration, "load", lambda *a, **k: models)
+    # what the role's planner task runs on the controller for a g5.12xlarge host
+    assert gpu_planner.main(["--json", "--gpu", "g5.12xlarge"]) == 0
+    answer = capsys.readouterr().out
+    envs = rendered_envs(True, models, {"stdout": answer, "rc": 0})
+    assert {n: e["CUDA_VISIBLE_DEVICES"] for n, e in envs.items()} == {
+        "text2sql": "0", "sqlcoder": "1", "embed": "3"}
+    assert {e["CUDA_DEVICE_ORDER"] for e in envs.values()} == {"PCI_BUS_ID"}
+    planned = json.loads(answer)
+    for name, env in envs.items():
+        share = flags(shlex.split(env["VLLM_ARGS"]))["--gpu-memory-utilization"]
+        assert float(share) == planned[name]["gpu_memory_utilization"], name
+    # alone on GPU 1, sqlcoder's share is of that GPU: no sum across GPUs stays under 1
+    assert sum(p["gpu_memory_utilization"] for p in planned.values()) > 1
+
+
+def test_cpu_hosts_need_no_plan_and_get_no_gpu_variables():
+    models = declaration.load()
+    skipped = {"changed": False, "skipped": True, "skip_reason": "Conditional result was False"}
+    for name, env in rendered_envs(False, models, skipped).items():
+        assert "CUDA_VISIBLE_DEVICES" not in env and "CUDA_DEVICE_ORDER" not in env, name
+        assert "--gpu-memory-utilization" not in env["VLLM_ARGS"], name
 
 
 # --------------------------------------------------------------------------- flags
