@@ -10,9 +10,9 @@ takes each share of), not the marketing figure: an A10G sold as 24 GB reports 23
 
 Placement (multi-GPU instance types, e.g. g5.12xlarge = 4 x A10G): each model runs on one GPU
 (the vllm role sets CUDA_VISIBLE_DEVICES to its index). A model pinned in the declaration
-(`gpu: N`) goes there; the others go first-fit decreasing: biggest need first, each on the
-lowest-numbered GPU with room. That packs the models onto as few GPUs as they fit on and leaves
-the rest idle; pin models to spread them. Then each GPU's models share it as below.
+(`gpu: N`) goes there; the others biggest need first, each on the GPU with the most room left,
+so the models spread over the GPUs (more KV cache each). Then each GPU's models share it as
+below.
 
 vLLM's rules it follows:
 - each instance's --gpu-memory-utilization is a share of the WHOLE GPU, and an instance refuses
@@ -346,10 +346,11 @@ def _too_big(m: declaration.ModelSpec, need: float, loaded: dict, target: Target
 
 def place(models: list[declaration.ModelSpec], target: Target, loaded: dict,
           margin: float = DEFAULT_MARGIN) -> dict[str, int]:
-    """GPU index of each model: a pinned model (`gpu: N`) on its GPU, the others first-fit
-    decreasing (biggest need first, each on the lowest-numbered GPU with room; ties keep the
-    declaration's order). On one GPU everything goes on GPU 0 and plan() says by how much the
-    models miss it."""
+    """GPU index of each model: a pinned model (`gpu: N`) on its GPU, the others biggest need
+    first, each on the GPU with the most room left (the lowest-numbered on a tie; ties in need
+    keep the declaration's order). Spreading gives every model more KV cache than packing
+    them onto the first GPU would, and idle GPUs are paid for anyway. On one GPU everything
+    goes on GPU 0 and plan() says by how much the models miss it."""
     declaration.check_gpu_pins(models, target.count, target.name or "the target")
     usable = target.gib * margin + 1e-9  # shares that add up to the margin exactly fit
     need = {m.name: need_gib(m, loaded, target.gib) for m in models}
@@ -364,7 +365,8 @@ def place(models: list[declaration.ModelSpec], target: Target, loaded: dict,
     rest = sorted((m for m in models if m.gpu is None), key=lambda m: -need[m.name])
     for m in pinned + rest:
         candidates = [m.gpu] if m.gpu is not None else range(target.count)
-        gpu = next((i for i in candidates if used[i] + need[m.name] <= usable), None)
+        fits = [i for i in candidates if used[i] + need[m.name] <= usable]
+        gpu = min(fits, key=lambda i: (used[i], i)) if fits else None
         if gpu is None and target.count == 1:
             gpu = 0
         elif gpu is None:
@@ -472,8 +474,8 @@ def report(plans: list[ModelPlan], target: Target) -> str:
             out += ["", f"GPU {gpu} (CUDA_VISIBLE_DEVICES={gpu})", table(mine, target.gib)]
     idle = [str(i) for i in range(target.count) if not any(p.gpu == i for p in plans)]
     if idle:
-        out += ["", f"idle: GPU {', '.join(idle)} (the models fit on fewer; pin one there with "
-                    "`gpu: <index>` in the declaration to give it a GPU of its own)"]
+        out += ["", f"idle: GPU {', '.join(idle)} (no model runs there: fewer models than GPUs, "
+                    "or the pins put them elsewhere)"]
     return "\n".join(out)
 
 
