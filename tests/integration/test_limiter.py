@@ -168,3 +168,23 @@ def test_a_charged_request_is_counted_once_and_refused_past_the_budget(make):
     assert not refused.allowed and refused.refused_by == REQUESTS
     assert refused.retry_after_s > 0
     assert not after.allowed and after.refused_by == REQUESTS
+
+
+def test_redis_that_lost_its_scripts_is_served_after_one_reload(redis_server):
+    """A restarted or failed-over Redis has no scripts: the calls that find NOSCRIPT load them
+    again and are answered, not failed open."""
+    import redis
+
+    async def go():
+        lim = RedisLimiter(redis_server, 60, 60, fail_open=False, timeout_s=5.0)
+        b = budget(rpm=5)
+        first = await lim.acquire(b, rid(), 1)
+        redis.Redis.from_url(redis_server).script_flush()
+        batch = await asyncio.gather(*(lim.acquire(b, rid(), 1) for _ in range(6)))
+        await lim.close()
+        return first, batch
+
+    first, batch = asyncio.run(go())
+    assert first.allowed and not first.unavailable
+    assert [d.allowed for d in batch].count(True) == 4  # the budget still counts, exactly
+    assert not any(d.unavailable for d in batch)
