@@ -115,6 +115,8 @@ class SseRelay:
         await self.ex.finish()
 
     def _event(self, event: bytes) -> bytes | None:
+        """One event, without its blank line: returned as is (the same object) when it passes
+        unchanged, as new bytes when changed, None when dropped."""
         if event.startswith(b"data: [DONE]"):
             self.done = True
             return event
@@ -133,22 +135,27 @@ class SseRelay:
                     self.ex.chunks -= 1
                     return None  # the usage-only chunk the client did not ask for
                 del doc["usage"]
-                event = b"data: " + orjson.dumps(doc) + b"\n\n"
+                event = b"data: " + orjson.dumps(doc)
         if self.rename:
             event = event.replace(*self.rename)
         return event
 
-    def _split(self, buf: bytes) -> tuple[list[bytes], bytes]:
-        """Complete events out of `buf` (kept ones only), and the unfinished rest."""
+    def _split(self, buf: bytes) -> tuple[bytes, bytes]:
+        """The complete events in `buf` to send on (kept ones only), and the unfinished rest.
+        Events that pass unchanged, the usual case, go on as the bytes that came in."""
         if b"\r" in buf:  # the SSE spec allows CRLF and CR line ends; keep a CR that may
             tail = b"\r" if buf.endswith(b"\r") else b""  # pair with the next read's LF
             buf = buf[: len(buf) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             buf += tail
-        out = []
-        while (end := buf.find(b"\n\n")) >= 0:
-            event, buf = buf[: end + 2], buf[end + 2:]
-            if (kept := self._event(event)) is not None:
-                out.append(kept)
+        out, end = b"", buf.rfind(b"\n\n")
+        if end >= 0:
+            events = buf[:end].split(b"\n\n")
+            kept = [self._event(e) for e in events]
+            if all(k is e for k, e in zip(kept, events, strict=True)):
+                out = buf[: end + 2]
+            else:
+                out = b"".join(k + b"\n\n" for k in kept if k is not None)
+            buf = buf[end + 2:]
         if len(buf) > MAX_EVENT_BYTES:
             raise _Broken(502, "backend_stream_broken",
                           f"model '{self.ex.model}' sent an event over {MAX_EVENT_BYTES} bytes")
@@ -163,7 +170,7 @@ class SseRelay:
                         ex.ttfb, first = perf_counter() - ex.t0, False
                     out, buf = self._split(buf + chunk)
                     if out:
-                        yield b"".join(out)
+                        yield out
                     if perf_counter() > self.deadline:
                         raise _Broken(504, "stream_deadline", f"model '{ex.model}' streamed "
                                       f"longer than {ex.backend.route.stream_max_s:g}s")

@@ -142,12 +142,12 @@ def relay() -> SseRelay:
 
 
 def test_events_split_on_crlf_and_cr_even_across_reads():
-    r, out = relay(), []
+    r, out = relay(), b""
     buf = b""
     for piece in (b'data: {"a":1}\r', b'\n\r\ndata: {"b":2}\r\r', b"data: [DONE]\r\n\r\n"):
         events, buf = r._split(buf + piece)
         out += events
-    assert out == [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"]
+    assert out == b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'
     assert r.done and r.ex.chunks == 2 and buf == b""
 
 
@@ -155,8 +155,23 @@ def test_the_hidden_usage_chunk_is_read_and_dropped():
     r = relay()
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":9}}\n\n'
     events, _ = r._split(usage)
-    assert events == [] and r.ex.prompt_tokens == 4 and r.ex.completion_tokens == 9
+    assert events == b"" and r.ex.prompt_tokens == 4 and r.ex.completion_tokens == 9
     assert r.ex.chunks == 0
+
+
+def test_events_in_one_read_pass_as_they_came_unless_one_must_change():
+    r = relay()
+    plain = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\n'
+    events, rest = r._split(plain + b'data: {"cho')
+    assert events == plain and rest == b'data: {"cho' and r.ex.chunks == 2
+    # the last content chunk carrying usage the client did not ask for: usage removed only
+    mixed = (b'data: {"choices":[{"text":"c"}]}\n\n'
+             b'data: {"choices":[{"text":"d"}],"usage":{"prompt_tokens":1,"completion_tokens":3}}'
+             b"\n\ndata: [DONE]\n\n")
+    events, rest = r._split(mixed)
+    assert events == (b'data: {"choices":[{"text":"c"}]}\n\ndata: {"choices":[{"text":"d"}]}'
+                      b"\n\ndata: [DONE]\n\n")
+    assert rest == b"" and r.done and r.ex.completion_tokens == 3 and r.ex.chunks == 4
 
 
 def test_an_event_that_never_ends_is_refused_past_its_cap():
