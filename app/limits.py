@@ -331,9 +331,6 @@ class RedisLimiter:
         self.pool = pool
         self.redis = aioredis.Redis(connection_pool=pool)
         self._batch = _Batcher(self.redis)
-        self._acquire = _ACQUIRE
-        self._charge = _CHARGE
-        self._finish = _FINISH
 
     @staticmethod
     def _keys(key_id: str) -> list[str]:
@@ -349,7 +346,7 @@ class RedisLimiter:
     async def charge(self, budget: Budget, req_id: str) -> Decision:
         try:
             code, retry = await self._batch.call(
-                self._charge, self._keys(budget.key_id)[:1],
+                _CHARGE, self._keys(budget.key_id)[:1],
                 [self.window_s, budget.rpm, req_id, self.lease_s])
         except (RedisError, OSError) as e:
             return self._unreachable(e)
@@ -358,7 +355,7 @@ class RedisLimiter:
     async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision:
         try:
             code, retry, n_req, n_tok, reset_req, reset_tok = await self._batch.call(
-                self._acquire, self._keys(budget.key_id),
+                _ACQUIRE, self._keys(budget.key_id),
                 [self.window_s, budget.rpm, budget.tpm, budget.concurrency, tokens, req_id,
                  self.lease_s])
         except (RedisError, OSError) as e:
@@ -370,7 +367,7 @@ class RedisLimiter:
 
     async def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
         try:
-            await self._batch.call(self._finish, self._keys(budget.key_id),
+            await self._batch.call(_FINISH, self._keys(budget.key_id),
                                    [req_id, -1 if tokens is None else tokens])
         except (RedisError, OSError) as e:
             log.warning("rate-limit store unreachable on finish: %s", type(e).__name__)
