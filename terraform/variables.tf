@@ -80,7 +80,7 @@ variable "instance_type" {
 
 variable "ami_flavor" {
   type        = string
-  description = "Image looked up when ami_id is null: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base AMI on Ubuntu (driver preinstalled)."
+  description = "Image looked up when ami_id is null: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base OSS Nvidia Driver GPU AMI on Ubuntu (driver preinstalled). Both come from the vendors' public SSM parameters."
   default     = "ubuntu-24.04"
 
   validation {

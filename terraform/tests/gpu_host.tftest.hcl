@@ -172,7 +172,7 @@ run "a_pinned_ami_skips_the_lookup" {
   }
 
   assert {
-    condition     = length(data.aws_ami.this) == 0 && length(data.aws_ssm_parameter.ubuntu_ami) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
+    condition     = length(data.aws_ssm_parameter.ami) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
     error_message = "ami_id must be used as given, without looking up the newest image"
   }
 }
@@ -186,21 +186,23 @@ run "ubuntu_comes_from_canonicals_ssm_parameter" {
   }
 
   override_data {
-    target = data.aws_ssm_parameter.ubuntu_ami
+    target = data.aws_ssm_parameter.ami
     values = { insecure_value = "ami-0c0ffee0c0ffee000", type = "String" }
   }
 
   assert {
-    condition     = data.aws_ssm_parameter.ubuntu_ami[0].name == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    condition     = data.aws_ssm_parameter.ami[0].name == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
     error_message = "the default image is the one Canonical's SSM parameter names for 24.04 (gp3, amd64)"
   }
   assert {
-    condition     = length(data.aws_ami.this) == 0 && aws_instance.this[0].ami == "ami-0c0ffee0c0ffee000"
-    error_message = "the host must boot the image the parameter holds, with no name search"
+    condition     = aws_instance.this[0].ami == "ami-0c0ffee0c0ffee000"
+    error_message = "the host must boot the image the parameter holds"
   }
 }
 
-run "deep_learning_amis_are_found_by_name_in_amazons_account" {
+# AWS's public parameter for the Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04),
+# x86_64: no name search over images, which another account's look-alike could match
+run "deep_learning_ami_comes_from_aws_ssm_parameter" {
   command   = plan
   state_key = "dlami"
 
@@ -213,16 +215,16 @@ run "deep_learning_amis_are_found_by_name_in_amazons_account" {
   }
 
   override_data {
-    target = data.aws_ami.this
-    values = { id = "ami-0d1a0d1a0d1a0d1a0" }
+    target = data.aws_ssm_parameter.ami
+    values = { insecure_value = "ami-0d1a0d1a0d1a0d1a0", type = "String" }
   }
 
   assert {
-    condition     = length(data.aws_ssm_parameter.ubuntu_ami) == 0 && one(data.aws_ami.this[0].owners) == "amazon"
-    error_message = "a Deep Learning AMI comes from Amazon's account, not from an Ubuntu parameter"
+    condition     = data.aws_ssm_parameter.ami[0].name == "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+    error_message = "the Deep Learning AMI is the one AWS's public SSM parameter names (base OSS Nvidia driver GPU, Ubuntu 24.04, x86_64)"
   }
   assert {
-    condition     = aws_instance.this[0].ami == "ami-0d1a0d1a0d1a0d1a0"
-    error_message = "the host must boot the Deep Learning AMI found"
+    condition     = aws_instance.this[0].ami == "ami-0d1a0d1a0d1a0d1a0" && output.ami_id == "ami-0d1a0d1a0d1a0d1a0"
+    error_message = "the host must boot the Deep Learning AMI the parameter holds"
   }
 }
