@@ -228,3 +228,80 @@ run "deep_learning_ami_comes_from_aws_ssm_parameter" {
     error_message = "the host must boot the Deep Learning AMI the parameter holds"
   }
 }
+
+run "no_route53_permissions_without_lets_encrypt" {
+  command   = plan
+  state_key = "letsencrypt-off"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  assert {
+    condition     = length(aws_iam_role_policy.letsencrypt_dns) == 0 && output.letsencrypt_dns_policy == null
+    error_message = "without letsencrypt_domain the host role must have no Route53 permission at all"
+  }
+}
+
+run "lets_encrypt_may_write_only_the_challenge_record_of_its_zone" {
+  command   = plan
+  state_key = "letsencrypt-on"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    letsencrypt_domain  = "api.example.com"
+    letsencrypt_zone_id = "Z0123456789ABCDEFGHIJ"
+  }
+
+  # exactly what certbot's Route53 plugin calls: ListHostedZones (find the zone),
+  # ChangeResourceRecordSets (UPSERT, then DELETE, the TXT record), GetChange (wait for INSYNC)
+  assert {
+    condition = toset(flatten([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Action
+    ])) == toset(["route53:ListHostedZones", "route53:GetChange", "route53:ChangeResourceRecordSets"])
+    error_message = "the role may list zones, read changes and change record sets: nothing else in Route53"
+  }
+  assert {
+    condition = alltrue([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Effect == "Allow" && (
+        s.Action == "route53:ChangeResourceRecordSets" ? s.Resource == "arn:aws:route53:::hostedzone/Z0123456789ABCDEFGHIJ" :
+        s.Action == "route53:GetChange" ? s.Resource == "arn:aws:route53:::change/*" :
+        s.Action == "route53:ListHostedZones"
+      )
+    ])
+    error_message = "record changes must be limited to the deployment's hosted zone, change reads to change IDs"
+  }
+  assert {
+    condition = one([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Condition["ForAllValues:StringEquals"]
+      if s.Action == "route53:ChangeResourceRecordSets"
+      ]) == {
+      "route53:ChangeResourceRecordSetsNormalizedRecordNames" = ["_acme-challenge.api.example.com"]
+      "route53:ChangeResourceRecordSetsRecordTypes"           = ["TXT"]
+      "route53:ChangeResourceRecordSetsActions"               = ["UPSERT", "DELETE"]
+    }
+    error_message = "in the zone, only the TXT record _acme-challenge.<domain> may be upserted or deleted (not the API's A record)"
+  }
+  assert {
+    condition     = output.letsencrypt_dns_policy == aws_iam_role_policy.letsencrypt_dns[0].policy
+    error_message = "the module must show the policy it gave the role"
+  }
+}
+
+run "a_lets_encrypt_domain_needs_its_zone" {
+  command   = plan
+  state_key = "letsencrypt-bad"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    letsencrypt_domain = "api.example.com"
+  }
+
+  expect_failures = [var.letsencrypt_zone_id]
+}

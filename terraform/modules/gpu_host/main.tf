@@ -67,6 +67,44 @@ moved {
   to   = aws_iam_role_policy.model_bucket_cache
 }
 
+# Let's Encrypt on a single host (no load balancer): certbot's Route53 plugin answers the DNS-01
+# challenge with the instance role's credentials, so port 80 stays closed. It lists the zones to
+# find the one of the name (ListHostedZones cannot be narrowed to a zone), writes and removes
+# the TXT record, and polls the change until it is in sync (GetChange, on change IDs only).
+# Writes are limited to the deployment's zone, and there to TXT records named
+# _acme-challenge.<domain>: the host cannot repoint the API's own A record or touch others.
+resource "aws_iam_role_policy" "letsencrypt_dns" {
+  count = var.letsencrypt_domain != null ? 1 : 0
+
+  name = "letsencrypt-dns-route53"
+  role = aws_iam_role.this.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      { Sid = "FindTheZone", Effect = "Allow", Action = "route53:ListHostedZones", Resource = "*" },
+      {
+        Sid      = "WaitForTheChange"
+        Effect   = "Allow"
+        Action   = "route53:GetChange"
+        Resource = "arn:${data.aws_partition.current.partition}:route53:::change/*"
+      },
+      {
+        Sid      = "WriteTheChallengeRecord"
+        Effect   = "Allow"
+        Action   = "route53:ChangeResourceRecordSets"
+        Resource = "arn:${data.aws_partition.current.partition}:route53:::hostedzone/${coalesce(var.letsencrypt_zone_id, "-")}"
+        Condition = {
+          "ForAllValues:StringEquals" = {
+            "route53:ChangeResourceRecordSetsNormalizedRecordNames" = ["_acme-challenge.${coalesce(var.letsencrypt_domain, "-")}"]
+            "route53:ChangeResourceRecordSetsRecordTypes"           = ["TXT"]
+            "route53:ChangeResourceRecordSetsActions"               = ["UPSERT", "DELETE"]
+          }
+        }
+      },
+    ]
+  })
+}
+
 resource "aws_iam_instance_profile" "this" {
   name_prefix = "${var.name}-gpu-host-"
   role        = aws_iam_role.this.name
