@@ -73,7 +73,7 @@ def require_certbot() -> None:
                     "(Debian packages, the ones the role installs on the hosts)")
 
 
-# ---- the command line ----------------------------------------------------------------------------
+# ---- the command line -------------------------------------------------------------------------
 
 
 def test_the_role_runs_certbot_with_the_rendered_argument_vector():
@@ -145,7 +145,7 @@ def test_the_real_certbot_refuses_a_flag_it_does_not_know():
     assert proc.returncode != 0 and "unrecognized arguments" in proc.stderr
 
 
-# ---- packages -----------------------------------------------------------------------------------
+# ---- packages --------------------------------------------------------------------------------
 
 
 def test_packages_come_from_the_distribution_pinned_where_known():
@@ -168,7 +168,7 @@ def test_the_bookworm_pin_matches_what_debian_ships():
         assert any(v.startswith(pin.rstrip("*")) for v in versions), (package, versions)
 
 
-# ---- renewal and fallback -------------------------------------------------------------------------
+# ---- renewal and fallback ----------------------------------------------------------------------
 
 
 def _hook(tmp_path: Path, active: bool) -> list[str]:
