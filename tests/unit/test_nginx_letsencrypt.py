@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -262,3 +263,99 @@ def test_every_default_is_declared_in_the_argument_specs():
     assert set(defaults) == set(options)
     internals = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
     assert not set(internals) & set(options), "role internals are not settings"
+
+
+# ---- the Route53 calls certbot's plugin makes, against the host role's policy --------------------
+
+# The real plugin (Debian's python3-certbot-dns-route53) with a botocore client whose requests
+# are recorded and answered on the spot (botocore's own events: parameters as the plugin passes
+# them, no network): one challenge written, waited for, removed.
+R53_PROBE = r'''
+import json, sys
+from unittest import mock
+import boto3
+from certbot_dns_route53._internal.dns_route53 import Authenticator
+
+ZONE, DOMAIN = sys.argv[1], sys.argv[2]
+calls = []
+real_client = boto3.client
+
+class Http:
+    status_code = 200
+    headers = {}
+
+ANSWERS = {
+    "ListHostedZones": {"HostedZones": [
+        {"Id": f"/hostedzone/{ZONE}", "Name": DOMAIN.split(".", 1)[1] + ".", "CallerReference": "a",
+         "Config": {"PrivateZone": False}},
+        {"Id": "/hostedzone/ZPRIVATE0000000000000", "Name": DOMAIN + ".", "CallerReference": "b",
+         "Config": {"PrivateZone": True}}],
+        "IsTruncated": False, "MaxItems": "100", "Marker": ""},
+    "ChangeResourceRecordSets": {"ChangeInfo": {"Id": "/change/C1", "Status": "PENDING",
+                                                "SubmittedAt": "2026-01-01T00:00:00Z"}},
+    "GetChange": {"ChangeInfo": {"Id": "/change/C1", "Status": "INSYNC",
+                                 "SubmittedAt": "2026-01-01T00:00:00Z"}},
+}
+
+def client(name, *a, **kw):
+    c = real_client(name, region_name="us-east-1", aws_access_key_id="AKIDEXAMPLE",
+                    aws_secret_access_key="secret")
+    def record(params, model, **_):
+        calls.append({"op": model.name, "params": params})
+    def answer(model, **_):
+        return Http(), {**ANSWERS[model.name], "ResponseMetadata": {}}
+    c.meta.events.register("before-parameter-build.route53", record)
+    c.meta.events.register("before-call.route53", answer)
+    return c
+
+with mock.patch("boto3.client", client):
+    config = mock.MagicMock()
+    auth = Authenticator(config, "dns-route53")
+    name = f"_acme-challenge.{DOMAIN}"
+    change = auth._change_txt_record("UPSERT", name, "token-value")
+    auth._wait_for_change(change)
+    auth._cleanup(DOMAIN, name, "token-value")
+print(json.dumps(calls, default=str))
+'''
+
+GPU_HOST_TF = ROOT / "terraform" / "modules" / "gpu_host" / "main.tf"
+
+
+def _policy_block() -> str:
+    text = GPU_HOST_TF.read_text()
+    start = text.index('resource "aws_iam_role_policy" "letsencrypt_dns"')
+    return text[start:text.index("\n}\n", start)]
+
+
+def test_the_route53_plugin_calls_only_what_the_host_role_allows(tmp_path):
+    require_certbot()
+    probe = tmp_path / "probe.py"
+    probe.write_text(R53_PROBE)
+    proc = subprocess.run([SYSTEM_PYTHON, str(probe), "Z0123456789ABCDEFGHIJ", "api.example.com"],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    calls = json.loads(proc.stdout)
+
+    block = _policy_block()
+    allowed = set(re.findall(r'Action\s*=\s*"(route53:\w+)"', block))
+    assert allowed == {"route53:ListHostedZones", "route53:GetChange",
+                       "route53:ChangeResourceRecordSets"}
+    # every call the plugin makes is one the policy allows, and the policy allows no other
+    assert {f"route53:{c['op']}" for c in calls} == allowed
+    record_actions = set(re.findall(r'"(UPSERT|DELETE|CREATE)"', block))
+    for call in calls:
+        if call["op"] != "ChangeResourceRecordSets":
+            continue
+        # the zone the plugin finds is the one Terraform scopes the write to
+        assert call["params"]["HostedZoneId"] == "Z0123456789ABCDEFGHIJ"
+        assert 'hostedzone/${coalesce(var.letsencrypt_zone_id, "-")}' in block
+        for change in call["params"]["ChangeBatch"]["Changes"]:
+            record = change["ResourceRecordSet"]
+            assert change["Action"] in record_actions
+            assert record["Type"] == "TXT" and '["TXT"]' in block
+            # the normalized name the condition key compares with
+            assert record["Name"].rstrip(".").lower() == "_acme-challenge.api.example.com"
+            assert '["_acme-challenge.${coalesce(var.letsencrypt_domain, "-")}"]' in block
+    assert [c["params"]["ChangeBatch"]["Changes"][0]["Action"] for c in calls
+            if c["op"] == "ChangeResourceRecordSets"] == ["UPSERT", "DELETE"]
