@@ -15,6 +15,7 @@ What stays unproven (Let's Encrypt itself, Route53 and IAM on AWS) is listed in 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import struct
@@ -242,3 +243,105 @@ def test_a_zone_route53_does_not_hold_fails_and_leaves_no_certificate(acme):
     assert proc.returncode != 0
     assert "Unable to find a Route53 hosted zone" in proc.stdout + proc.stderr
     assert not (acme.tmp / "le" / "live" / DOMAIN / "fullchain.pem").exists()
+
+
+# ---- the role's own tasks, run by ansible-playbook ----------------------------------------------
+
+PLAYBOOK = """\
+- name: The nginx role's Let's Encrypt tasks on this machine
+  hosts: localhost
+  connection: local
+  gather_facts: true
+  tasks:
+    - name: Let's Encrypt by DNS-01 in Route53
+      ansible.builtin.include_role:
+        name: nginx
+        tasks_from: letsencrypt.yml
+        public: true
+    - name: What the site template would be given
+      ansible.builtin.copy:
+        content: "{{ {'cert': nginx_cert_file, 'key': nginx_key_file} | to_json }}"
+        dest: "{{ result_file }}"
+        mode: "0600"
+"""
+
+SHOW_UNIT = "LoadState=loaded\nActiveState=active\nSubState=waiting\nUnitFileState=enabled\n"
+
+
+def _play(acme, **overrides) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """ansible-playbook runs the role's letsencrypt.yml on localhost. Its paths are moved into
+    the test's directory by variables (certbot's through its per-user cli.ini); systemctl is a
+    stand-in (no systemd here) that reports certbot.timer loaded, enabled and active."""
+    fake_bin = acme.tmp / "play-bin"
+    fake_bin.mkdir(exist_ok=True)
+    (fake_bin / "systemctl").write_text(
+        f"#!/bin/sh\necho \"$*\" >> {acme.tmp / 'play-systemctl'}\n"
+        f"case \"$*\" in *show*) printf '{SHOW_UNIT}' ;; esac\nexit 0\n")
+    (fake_bin / "systemctl").chmod(0o755)
+    xdg = acme.tmp / "xdg"
+    (xdg / "letsencrypt").mkdir(parents=True, exist_ok=True)
+    (xdg / "letsencrypt" / "cli.ini").write_text(
+        "".join(f"{a.lstrip('-')} = {b}\n" for a, b in zip(acme.dirs[::2], acme.dirs[1::2],
+                                                          strict=True)))
+    result = acme.tmp / "result.json"
+    extra = {
+        "nginx_letsencrypt_domain": DOMAIN, "nginx_letsencrypt_email": "ops@example.com",
+        "nginx_letsencrypt_server": acme.directory, "nginx_letsencrypt_propagation_s": 0,
+        "nginx_letsencrypt_live_dir": str(acme.tmp / "le" / "live" / DOMAIN),
+        "nginx_letsencrypt_deploy_hook": str(acme.tmp / "le" / "renewal-hooks" / "deploy"
+                                             / "50-llm-nginx-reload"),
+        # the role hands certbot this environment (nginx_proxy_env, meant for proxies)
+        "nginx_proxy_env": {**acme.env, "XDG_CONFIG_HOME": str(xdg)},
+        "ansible_python_interpreter": "/usr/bin/python3",  # python3-apt for the apt module
+        "result_file": str(result), **overrides,
+    }
+    (acme.tmp / "extra.json").write_text(json.dumps(extra))
+    (acme.tmp / "play.yml").write_text(PLAYBOOK)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,",
+         "-e", f"@{acme.tmp / 'extra.json'}", str(acme.tmp / "play.yml")],
+        capture_output=True, text=True, timeout=600,
+        env={"PATH": f"{fake_bin}:{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+             "HOME": str(acme.tmp), "ANSIBLE_ROLES_PATH": str(ROLE.parent),
+             "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOCAL_TEMP": str(acme.tmp / "ansible-tmp"),
+             "ANSIBLE_REMOTE_TEMP": str(acme.tmp / "ansible-tmp")})
+    return proc, (json.loads(result.read_text()) if result.exists() else None)
+
+
+def _recap(output: str) -> dict[str, int]:
+    line = next(x for x in output.splitlines() if x.startswith("localhost") and "ok=" in x)
+    return {k: int(v) for k, v in (p.split("=") for p in line.split()[2:])}
+
+
+@pytest.fixture
+def root_only():
+    if os.geteuid() != 0:
+        pytest.skip("the role's apt task needs root")
+
+
+def test_the_role_issues_switches_nginx_and_changes_nothing_the_second_time(acme, root_only):
+    proc, seen = _play(acme)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    live = acme.tmp / "le" / "live" / DOMAIN
+    assert (live / "fullchain.pem").exists()
+    assert seen == {"cert": str(live / "fullchain.pem"), "key": str(live / "privkey.pem")}
+    hook = acme.tmp / "le" / "renewal-hooks" / "deploy" / "50-llm-nginx-reload"
+    assert hook.stat().st_mode & 0o777 == 0o755
+    assert "did not issue a certificate for" not in proc.stdout
+    assert _recap(proc.stdout)["failed"] == 0
+
+    again, seen = _play(acme)
+    assert again.returncode == 0, again.stdout + again.stderr
+    recap = _recap(again.stdout)
+    # the test's own copy task rewrites its file only when what nginx gets changed
+    assert recap["changed"] == 0, again.stdout
+    assert seen["cert"] == str(live / "fullchain.pem")
+
+
+def test_a_refused_issue_keeps_the_self_signed_certificate_and_the_play_going(acme, root_only):
+    acme.route53.delete_hosted_zone(Id=acme.zone_id)
+    proc, seen = _play(acme)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Let's Encrypt did not issue a certificate for api.example.com" in proc.stdout
+    assert "Unable to find a Route53 hosted zone" in proc.stdout
+    assert seen == {"cert": "/etc/nginx/tls/llm-api.crt", "key": "/etc/nginx/tls/llm-api.key"}

@@ -208,6 +208,13 @@ def test_the_hook_sits_where_certbot_runs_deploy_hooks_and_is_executable():
     dest = role_value(hook["ansible.builtin.template"]["dest"])
     assert dest.startswith("/etc/letsencrypt/renewal-hooks/deploy/")
     assert hook["ansible.builtin.template"]["mode"] == "0755"
+    # the package does not ship renewal-hooks/ (certbot makes it on its first run, later)
+    names = [t["name"] for t in tasks("letsencrypt.yml")]
+    directory = task("Certbot's deploy-hook directory")["ansible.builtin.file"]
+    assert role_value(directory["path"]) == str(Path(dest).parent)
+    assert directory["state"] == "directory"
+    assert names.index("Certbot's deploy-hook directory") < names.index(
+        "Renewal reloads nginx (deploy hook)")
     timer = task("Renewal timer (the certbot package's) enabled and running")
     assert timer["ansible.builtin.systemd_service"] == {
         "name": "certbot.timer", "state": "started", "enabled": True}
