@@ -8,7 +8,8 @@ installs) runs the command line the role renders, against:
   zone, writes the TXT record and waits for the change through the AWS API;
 - a small DNS server in this test that answers from moto's Route53 records, as Route53's name
   servers answer from Route53's.
-Then `certbot renew` renews through the same path and runs the role's deploy hook.
+Then `certbot renew` renews through the same path and runs the role's deploy hook; and the
+role's own letsencrypt.yml runs under ansible-playbook on localhost against the same stand-ins.
 What stays unproven (Let's Encrypt itself, Route53 and IAM on AWS) is listed in docs/aws.md.
 """
 
