@@ -7,6 +7,7 @@
     python -m stack.aws_ops status | stop | start
     python -m stack.aws_ops ssh [--host HOST] [-- COMMAND] | logs UNIT [--host HOST]
     python -m stack.aws_ops endpoint [--tls] | summary
+    python -m stack.aws_ops smoke [--url URL] [--insecure | --trusted] [--attempts N]
     python -m stack.aws_ops smoke-gpu [--host HOST]     (LLM_API_KEY: a key of the deployment)
 
 The hosts come from `terraform output -json` when this checkout holds the state; otherwise
@@ -23,6 +24,7 @@ vCPU quota, a region without the GPU type) ends in one line saying what to do, e
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import re
@@ -30,11 +32,13 @@ import secrets
 import shlex
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import boto3
 import yaml
@@ -108,6 +112,11 @@ class Deployment:
     # s3://bucket/prefix the hosts may read and write (Terraform's model_cache_url)
     model_cache_url: str | None = None
     source: str = "terraform"
+    # where the endpoint's certificate comes from: acm, letsencrypt or self-signed (tls_mode())
+    api_tls: str | None = None
+    # a single host with domain_name: nginx gets a Let's Encrypt certificate for it (DNS-01)
+    letsencrypt_domain: str | None = None
+    letsencrypt_email: str | None = None
 
 
 # ---- settings: the same values Terraform sees -------------------------------------------------
@@ -351,6 +360,8 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             api_tls_trusted=bool(value.get("api_tls_trusted")),
             model_bucket_name=value.get("model_bucket_name"),
             model_cache_url=value.get("model_cache_url"), source="terraform",
+            api_tls=value.get("api_tls"), letsencrypt_domain=value.get("letsencrypt_domain"),
+            letsencrypt_email=value.get("letsencrypt_email"),
         )
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -440,6 +451,12 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
     if dep.model_cache_url:
         # the models role's shared weights cache: the instance role may write there
         group_vars["models_s3_cache"] = dep.model_cache_url
+    group_vars["api_tls"] = tls_mode(dep)
+    if dep.letsencrypt_domain:
+        # the nginx role's own variables: certbot answers DNS-01 in Route53 with the instance
+        # role, which Terraform allows the zone's _acme-challenge record only
+        group_vars["nginx_letsencrypt_domain"] = dep.letsencrypt_domain
+        group_vars["nginx_letsencrypt_email"] = dep.letsencrypt_email or ""
     if identity:
         group_vars["ansible_ssh_private_key_file"] = identity
     return {"all": {"children": {
@@ -484,7 +501,8 @@ def write_inventory(dep: Deployment, path: Path = INVENTORY, identity: str | Non
 
 def read_inventory(path: Path = INVENTORY) -> Deployment:
     if not path.exists():
-        raise OpsError(f"{path.relative_to(ROOT)} does not exist: run `make inventory` "
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        raise OpsError(f"{shown} does not exist: run `make inventory` "
                        "(after `make deploy`)")
     doc = yaml.safe_load(path.read_text())
     group = doc["all"]["children"]["gpu_hosts"]
@@ -500,7 +518,10 @@ def read_inventory(path: Path = INVENTORY) -> Deployment:
                       api_endpoint=gv.get("api_endpoint"),
                       api_tls_trusted=bool(gv.get("api_tls_trusted")),
                       model_bucket_name=gv.get("aws_model_bucket_name"),
-                      model_cache_url=gv.get("models_s3_cache"), source="inventory")
+                      model_cache_url=gv.get("models_s3_cache"), source="inventory",
+                      api_tls=gv.get("api_tls"),
+                      letsencrypt_domain=gv.get("nginx_letsencrypt_domain") or None,
+                      letsencrypt_email=gv.get("nginx_letsencrypt_email") or None)
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -887,12 +908,127 @@ def cmd_smoke_gpu(args: argparse.Namespace) -> int:
 def cmd_endpoint(args: argparse.Namespace) -> int:
     dep = read_inventory(args.out)
     if args.tls:
-        print("trusted" if dep.api_tls_trusted else "self-signed")
+        print("trusted" if tls_mode(dep) in TRUSTED_TLS else "self-signed")
     elif dep.api_endpoint:
         print(dep.api_endpoint)
     else:
         raise OpsError("the endpoint is unknown to the inventory: run `make inventory` where "
                        "the Terraform state is")
+    return 0
+
+
+# ---- TLS of the endpoint, and the HTTPS smoke test (`make deploy`'s last step) -------------------
+
+# certificates a client trusts without being told to: who issues them
+TRUSTED_TLS = {"acm": "the load balancer's ACM certificate",
+               "letsencrypt": "Let's Encrypt's certificate on the host"}
+
+
+def tls_mode(dep: Deployment) -> str:
+    """acm, letsencrypt or self-signed: trusted only with a load balancer (ACM) or a single host
+    with a Let's Encrypt name. An inventory from before Terraform said so is judged by the same
+    rule: a name alone never made nginx's certificate trusted."""
+    if dep.api_tls in ("acm", "letsencrypt", "self-signed"):
+        return dep.api_tls
+    if dep.api_tls_trusted and len(dep.hosts) > 1:
+        return "acm"
+    if dep.api_tls_trusted and dep.letsencrypt_domain:
+        return "letsencrypt"
+    return "self-signed"
+
+
+def _https_get(url: str, context: ssl.SSLContext, timeout: float) -> int:
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port or 443, timeout=timeout,
+                                       context=context)
+    try:
+        conn.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     headers={"User-Agent": "llm-stack-smoke"})
+        response = conn.getresponse()
+        response.read(4096)
+        return response.status
+    finally:
+        conn.close()
+
+
+def _untrusted_hint(mode: str, host: str, reason: str) -> str:
+    if mode == "letsencrypt":
+        return (f"{host} presents a certificate this machine does not trust ({reason}): nginx "
+                "still serves its self-signed fallback, so Let's Encrypt has not issued one. "
+                "The Ansible output says why (\"Let's Encrypt did not issue\"), or `make ssh "
+                "CMD='sudo tail -n 40 /var/log/letsencrypt/letsencrypt.log'`; check that "
+                "route53_zone_id is the hosted zone of domain_name, then `make deploy` again")
+    if mode == "acm":
+        return (f"{host} presents a certificate this machine does not trust ({reason}): the load "
+                "balancer's ACM certificate must cover domain_name (certificate_arn), and "
+                f"domain_name must point at the load balancer (`dig +short {host}`)")
+    return f"{host} presents a certificate this machine does not trust ({reason})"
+
+
+def smoke(url: str, trusted: bool, mode: str, attempts: int = 20, delay: float = 15,
+          timeout: float = 10, sleep=time.sleep) -> int:
+    """GET url until it answers 200; the number of attempts it took. Retries what time can fix
+    (no DNS yet, refused, timeouts, 5xx and 429 while models load); stops at once on what it
+    cannot (an untrusted certificate where one is promised, another 4xx). OpsError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise OpsError(f"{url!r} is not an https:// URL: run `make inventory` (the endpoint "
+                       "comes from Terraform)")
+    if trusted:
+        context = ssl.create_default_context()
+    else:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    host = parts.hostname
+    last = "no attempt made"
+    started = time.monotonic()
+    for attempt in range(1, attempts + 1):
+        try:
+            status = _https_get(url, context, timeout)
+        except ssl.SSLCertVerificationError as e:
+            raise OpsError(_untrusted_hint(mode, host, e.verify_message or str(e))) from None
+        except socket.gaierror:
+            last = f"{host} does not resolve (yet: a new DNS record can take minutes)"
+        except ConnectionRefusedError:
+            last = f"{host}:{parts.port or 443} refused the connection (nginx not listening)"
+        except TimeoutError:
+            last = f"no answer within {timeout:g} s (security group, api_allowed_cidrs?)"
+        except (OSError, http.client.HTTPException) as e:
+            last = f"{type(e).__name__}: {e}"
+        else:
+            if status == 200:
+                return attempt
+            if 400 <= status < 500 and status not in (408, 429):
+                raise OpsError(f"{url} answered {status}: nginx or the gateway refuses "
+                                 "/ready; `make logs UNIT=nginx` and `make logs UNIT=gateway`")
+            last = f"HTTP {status}" + (" (models still loading?)" if status == 503 else "")
+        if attempt < attempts:
+            print(f">> {url}: {last}; attempt {attempt + 1}/{attempts} in {delay:g} s",
+                  flush=True)
+            sleep(delay)
+    raise OpsError(f"{url} did not answer 200 in {attempts} attempts "
+                   f"({time.monotonic() - started:.0f} s); last: {last}. `make status` shows "
+                   "the units and /ready on each host; `make logs UNIT=gateway` (or nginx, "
+                   "vllm@<model>) says more")
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    dep = read_inventory(args.out)
+    mode = tls_mode(dep)
+    if args.url:
+        url = args.url
+    elif dep.api_endpoint:
+        url = dep.api_endpoint.rstrip("/") + "/ready"
+    else:
+        raise OpsError("the endpoint is unknown to the inventory: run `make inventory` where "
+                       "the Terraform state is")
+    trusted = args.trusted if args.trusted is not None else mode in TRUSTED_TLS
+    what = (f"certificate must be trusted: {TRUSTED_TLS.get(mode, mode)}" if trusted else
+            "certificate not checked: nginx's self-signed one")
+    print(f">> GET {url} ({what})", flush=True)
+    took = smoke(url, trusted, mode, args.attempts, args.delay, args.timeout)
+    print(f">> {url} answered 200" + (f" after {took} attempts" if took > 1 else ""))
     return 0
 
 
@@ -908,12 +1044,13 @@ def _gateway_defaults() -> dict:
 def cmd_summary(args: argparse.Namespace) -> int:
     dep = read_inventory(args.out)
     gw = _gateway_defaults()
-    k = "" if dep.api_tls_trusted else "-k "
+    trusted = tls_mode(dep) in TRUSTED_TLS
+    k = "" if trusted else "-k "
     create = (f"sudo {gw['install_dir']}/venv/bin/python -m app.keys --file {gw['keys_file']} "
               f"create my-app --models '*' && sudo chown {gw['user']}: {gw['keys_file']}")
     print(f">> deployed: {len(dep.hosts)} GPU host(s) in {dep.region}")
     print(f"   endpoint     {dep.api_endpoint}"
-          + ("" if dep.api_tls_trusted else "   (self-signed certificate: curl -k)"))
+          + ("" if trusted else "   (self-signed certificate: curl -k)"))
     print(f"   OpenAI SDK   base_url=\"{dep.api_endpoint}/v1\"")
     if len(dep.hosts) == 1:
         print("   create a key (printed once; the gateway reads the keys file by itself):")
@@ -992,6 +1129,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("endpoint", help="print the API endpoint (from the inventory)")
     s.add_argument("--tls", action="store_true", help="print 'trusted' or 'self-signed'")
     s.set_defaults(func=cmd_endpoint)
+
+    s = sub.add_parser("smoke", help="HTTPS smoke test: GET <endpoint>/ready until 200, "
+                       "checking the certificate where it is trusted (ACM, Let's Encrypt)")
+    s.add_argument("--url", help="default: the inventory's endpoint + /ready")
+    tls = s.add_mutually_exclusive_group()
+    tls.add_argument("--trusted", dest="trusted", action="store_true", default=None,
+                     help="require a certificate this machine trusts")
+    tls.add_argument("--insecure", dest="trusted", action="store_false",
+                     help="do not check the certificate (self-signed)")
+    s.add_argument("--attempts", type=int, default=20)
+    s.add_argument("--delay", type=float, default=15, help="seconds between attempts")
+    s.add_argument("--timeout", type=float, default=10, help="seconds per attempt")
+    s.set_defaults(func=cmd_smoke)
 
     s = sub.add_parser("summary", help="the endpoint and how to get a key, after a deploy")
     s.set_defaults(func=cmd_summary)

@@ -16,6 +16,12 @@ locals {
   # type); Local and Wavelength Zones may offer it too, but lack services the stack uses
   gpu_zones          = sort(setintersection(data.aws_ec2_instance_type_offerings.gpu.locations, data.aws_availability_zones.regular.names))
   availability_zones = slice(local.gpu_zones, 0, 2)
+  # one host with a name: nginx gets a Let's Encrypt certificate by DNS-01 in the Route53 zone
+  # (variables.tf refuses a single host with domain_name but no zone or e-mail)
+  letsencrypt = !local.create_load_balancer && var.domain_name != null && var.route53_zone_id != null
+  # what the endpoint's certificate is: ACM on the load balancer, Let's Encrypt on one named
+  # host, else the host's self-signed one
+  api_tls = local.create_load_balancer ? "acm" : local.letsencrypt ? "letsencrypt" : "self-signed"
 }
 
 # The region's own availability zones: no Local Zones (us-east-1-bos-1a ...) or Wavelength Zones,
@@ -101,6 +107,9 @@ module "gpu_host" {
   security_group_ids         = [module.security.host_security_group_id, module.security.monitoring_security_group_id]
   enable_model_bucket_access = var.create_model_bucket
   model_bucket_arn           = var.create_model_bucket ? module.model_bucket[0].arn : null
+  # Route53 permissions for certbot's DNS-01 challenge, on a single named host only
+  letsencrypt_domain  = local.letsencrypt ? var.domain_name : null
+  letsencrypt_zone_id = local.letsencrypt ? var.route53_zone_id : null
 }
 
 module "load_balancer" {

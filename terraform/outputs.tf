@@ -49,8 +49,23 @@ output "api_endpoint" {
 }
 
 output "api_tls_trusted" {
-  description = "True when the endpoint has a publicly trusted certificate (a domain name is set); false: the host's nginx serves a self-signed one."
-  value       = var.domain_name != null
+  description = "True when the endpoint has a publicly trusted certificate: ACM on the load balancer, or Let's Encrypt on a single named host; false: the host's nginx serves a self-signed one."
+  value       = local.api_tls != "self-signed"
+}
+
+output "api_tls" {
+  description = "Where the endpoint's certificate comes from: acm (the load balancer), letsencrypt (nginx on the single host, DNS-01 in Route53) or self-signed."
+  value       = local.api_tls
+}
+
+output "letsencrypt_domain" {
+  description = "Name nginx gets a Let's Encrypt certificate for (Ansible's nginx_letsencrypt_domain), or null."
+  value       = local.letsencrypt ? var.domain_name : null
+}
+
+output "letsencrypt_email" {
+  description = "Contact address of the Let's Encrypt account (Ansible's nginx_letsencrypt_email), or null."
+  value       = local.letsencrypt ? var.letsencrypt_email : null
 }
 
 output "load_balancer_dns_name" {

@@ -80,7 +80,7 @@ variable "instance_type" {
 
 variable "ami_flavor" {
   type        = string
-  description = "Image looked up when ami_id is null: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base AMI on Ubuntu (driver preinstalled)."
+  description = "Image looked up when ami_id is null: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base OSS Nvidia Driver GPU AMI on Ubuntu (driver preinstalled). Both come from the vendors' public SSM parameters."
   default     = "ubuntu-24.04"
 
   validation {
@@ -172,12 +172,28 @@ variable "enable_flow_logs" {
 
 variable "domain_name" {
   type        = string
-  description = "Name to serve the API under, such as api.example.com. Without it a single host is reached at its EC2 public DNS name with a self-signed certificate."
+  description = "Name to serve the API under, such as api.example.com, with a trusted certificate: ACM on the load balancer, or Let's Encrypt on a single host (then route53_zone_id and letsencrypt_email are needed too). Without it a single host is reached at its EC2 public DNS name with a self-signed certificate."
   default     = null
 
   validation {
     condition     = var.domain_name == null || can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", var.domain_name))
     error_message = "domain_name must be null or a lowercase DNS name such as api.example.com."
+  }
+}
+
+variable "letsencrypt_email" {
+  type        = string
+  description = "Contact address of the Let's Encrypt account (expiry notices) for a single host with domain_name: its nginx gets a Let's Encrypt certificate by a DNS-01 challenge in route53_zone_id, with the instance role (port 80 stays closed). Not used with a load balancer (ACM)."
+  default     = null
+
+  validation {
+    condition     = var.letsencrypt_email == null || can(regex("^[A-Za-z0-9._%+-]+@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.)+[A-Za-z]{2,63}$", coalesce(var.letsencrypt_email, "-")))
+    error_message = "letsencrypt_email must be null or one e-mail address such as ops@example.com."
+  }
+
+  validation {
+    condition     = var.host_count > 1 || var.domain_name == null || (var.route53_zone_id != null && var.letsencrypt_email != null)
+    error_message = "domain_name on a single host means a Let's Encrypt certificate, obtained by a DNS-01 challenge in Route53 with the host's role: set route53_zone_id (the hosted zone of domain_name) and letsencrypt_email (the account's contact address). Without them, leave domain_name unset: the host is then served at its EC2 name with a self-signed certificate."
   }
 }
 

@@ -172,7 +172,7 @@ run "a_pinned_ami_skips_the_lookup" {
   }
 
   assert {
-    condition     = length(data.aws_ami.this) == 0 && length(data.aws_ssm_parameter.ubuntu_ami) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
+    condition     = length(data.aws_ssm_parameter.ami) == 0 && aws_instance.this[0].ami == "ami-0fedcba9876543210"
     error_message = "ami_id must be used as given, without looking up the newest image"
   }
 }
@@ -186,21 +186,23 @@ run "ubuntu_comes_from_canonicals_ssm_parameter" {
   }
 
   override_data {
-    target = data.aws_ssm_parameter.ubuntu_ami
+    target = data.aws_ssm_parameter.ami
     values = { insecure_value = "ami-0c0ffee0c0ffee000", type = "String" }
   }
 
   assert {
-    condition     = data.aws_ssm_parameter.ubuntu_ami[0].name == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    condition     = data.aws_ssm_parameter.ami[0].name == "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
     error_message = "the default image is the one Canonical's SSM parameter names for 24.04 (gp3, amd64)"
   }
   assert {
-    condition     = length(data.aws_ami.this) == 0 && aws_instance.this[0].ami == "ami-0c0ffee0c0ffee000"
-    error_message = "the host must boot the image the parameter holds, with no name search"
+    condition     = aws_instance.this[0].ami == "ami-0c0ffee0c0ffee000"
+    error_message = "the host must boot the image the parameter holds"
   }
 }
 
-run "deep_learning_amis_are_found_by_name_in_amazons_account" {
+# AWS's public parameter for the Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04),
+# x86_64: no name search over images, which another account's look-alike could match
+run "deep_learning_ami_comes_from_aws_ssm_parameter" {
   command   = plan
   state_key = "dlami"
 
@@ -213,16 +215,93 @@ run "deep_learning_amis_are_found_by_name_in_amazons_account" {
   }
 
   override_data {
-    target = data.aws_ami.this
-    values = { id = "ami-0d1a0d1a0d1a0d1a0" }
+    target = data.aws_ssm_parameter.ami
+    values = { insecure_value = "ami-0d1a0d1a0d1a0d1a0", type = "String" }
   }
 
   assert {
-    condition     = length(data.aws_ssm_parameter.ubuntu_ami) == 0 && one(data.aws_ami.this[0].owners) == "amazon"
-    error_message = "a Deep Learning AMI comes from Amazon's account, not from an Ubuntu parameter"
+    condition     = data.aws_ssm_parameter.ami[0].name == "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
+    error_message = "the Deep Learning AMI is the one AWS's public SSM parameter names (base OSS Nvidia driver GPU, Ubuntu 24.04, x86_64)"
   }
   assert {
-    condition     = aws_instance.this[0].ami == "ami-0d1a0d1a0d1a0d1a0"
-    error_message = "the host must boot the Deep Learning AMI found"
+    condition     = aws_instance.this[0].ami == "ami-0d1a0d1a0d1a0d1a0" && output.ami_id == "ami-0d1a0d1a0d1a0d1a0"
+    error_message = "the host must boot the Deep Learning AMI the parameter holds"
   }
+}
+
+run "no_route53_permissions_without_lets_encrypt" {
+  command   = plan
+  state_key = "letsencrypt-off"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  assert {
+    condition     = length(aws_iam_role_policy.letsencrypt_dns) == 0 && output.letsencrypt_dns_policy == null
+    error_message = "without letsencrypt_domain the host role must have no Route53 permission at all"
+  }
+}
+
+run "lets_encrypt_may_write_only_the_challenge_record_of_its_zone" {
+  command   = plan
+  state_key = "letsencrypt-on"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    letsencrypt_domain  = "api.example.com"
+    letsencrypt_zone_id = "Z0123456789ABCDEFGHIJ"
+  }
+
+  # exactly what certbot's Route53 plugin calls: ListHostedZones (find the zone),
+  # ChangeResourceRecordSets (UPSERT, then DELETE, the TXT record), GetChange (wait for INSYNC)
+  assert {
+    condition = toset(flatten([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Action
+    ])) == toset(["route53:ListHostedZones", "route53:GetChange", "route53:ChangeResourceRecordSets"])
+    error_message = "the role may list zones, read changes and change record sets: nothing else in Route53"
+  }
+  assert {
+    condition = alltrue([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Effect == "Allow" && (
+        s.Action == "route53:ChangeResourceRecordSets" ? s.Resource == "arn:aws:route53:::hostedzone/Z0123456789ABCDEFGHIJ" :
+        s.Action == "route53:GetChange" ? s.Resource == "arn:aws:route53:::change/*" :
+        s.Action == "route53:ListHostedZones"
+      )
+    ])
+    error_message = "record changes must be limited to the deployment's hosted zone, change reads to change IDs"
+  }
+  assert {
+    condition = one([
+      for s in jsondecode(aws_iam_role_policy.letsencrypt_dns[0].policy).Statement : s.Condition["ForAllValues:StringEquals"]
+      if s.Action == "route53:ChangeResourceRecordSets"
+      ]) == {
+      "route53:ChangeResourceRecordSetsNormalizedRecordNames" = ["_acme-challenge.api.example.com"]
+      "route53:ChangeResourceRecordSetsRecordTypes"           = ["TXT"]
+      "route53:ChangeResourceRecordSetsActions"               = ["UPSERT", "DELETE"]
+    }
+    error_message = "in the zone, only the TXT record _acme-challenge.<domain> may be upserted or deleted (not the API's A record)"
+  }
+  assert {
+    condition     = output.letsencrypt_dns_policy == aws_iam_role_policy.letsencrypt_dns[0].policy
+    error_message = "the module must show the policy it gave the role"
+  }
+}
+
+run "a_lets_encrypt_domain_needs_its_zone" {
+  command   = plan
+  state_key = "letsencrypt-bad"
+
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    letsencrypt_domain = "api.example.com"
+  }
+
+  expect_failures = [var.letsencrypt_zone_id]
 }

@@ -32,8 +32,12 @@ run "defaults_give_one_g5_xlarge_in_a_two_az_network" {
     error_message = "the model bucket is opt-in"
   }
   assert {
-    condition     = output.ssh_user == "ubuntu" && !output.api_tls_trusted
+    condition     = output.ssh_user == "ubuntu" && !output.api_tls_trusted && output.api_tls == "self-signed"
     error_message = "default image logs in as ubuntu; without a domain the certificate is self-signed"
+  }
+  assert {
+    condition     = output.letsencrypt_domain == null && output.letsencrypt_email == null && module.gpu_host.letsencrypt_dns_policy == null
+    error_message = "without a domain there is no Let's Encrypt and the host role has no Route53 permission"
   }
   assert {
     condition     = output.api_endpoint == "https://${output.hosts[0].public_dns}"
@@ -62,8 +66,12 @@ run "three_hosts_get_a_load_balancer_and_a_dns_alias" {
     error_message = "more than one host must create the load balancer"
   }
   assert {
-    condition     = output.api_endpoint == "https://api.example.com" && output.api_tls_trusted
+    condition     = output.api_endpoint == "https://api.example.com" && output.api_tls_trusted && output.api_tls == "acm"
     error_message = "with a domain the endpoint is the domain, with a trusted certificate"
+  }
+  assert {
+    condition     = output.letsencrypt_domain == null && module.gpu_host.letsencrypt_dns_policy == null
+    error_message = "behind a load balancer (ACM) the hosts get no Let's Encrypt and no Route53 permission"
   }
   assert {
     condition     = length(module.dns) == 1 && module.dns[0].fqdn != null
@@ -120,3 +128,33 @@ run "local_zones_are_never_picked" {
   }
 }
 
+
+run "one_named_host_gets_lets_encrypt_by_dns_in_its_zone" {
+  command = plan
+
+  variables {
+    domain_name       = "api.example.com"
+    route53_zone_id   = "Z0123456789ABCDEFGHIJ"
+    letsencrypt_email = "ops@example.com"
+  }
+
+  assert {
+    condition     = length(module.load_balancer) == 0 && length(module.dns) == 1
+    error_message = "one host: no load balancer, an A record for the name"
+  }
+  assert {
+    condition     = output.api_endpoint == "https://api.example.com" && output.api_tls_trusted && output.api_tls == "letsencrypt"
+    error_message = "one named host is trusted through Let's Encrypt"
+  }
+  assert {
+    condition     = output.letsencrypt_domain == "api.example.com" && output.letsencrypt_email == "ops@example.com"
+    error_message = "Ansible's nginx role must be told the name and the ACME contact"
+  }
+  assert {
+    condition = one([
+      for s in jsondecode(module.gpu_host.letsencrypt_dns_policy).Statement : s.Resource
+      if s.Action == "route53:ChangeResourceRecordSets"
+    ]) == "arn:aws:route53:::hostedzone/Z0123456789ABCDEFGHIJ"
+    error_message = "the host role may change records in the deployment's zone only"
+  }
+}

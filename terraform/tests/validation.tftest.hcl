@@ -183,3 +183,33 @@ run "deep_learning_ami_on_ubuntu_2204_is_refused" {
   }
   expect_failures = [var.ami_flavor]
 }
+
+run "a_named_single_host_without_a_zone_is_refused" {
+  # Let's Encrypt by DNS-01 needs the zone; without it the name would promise a trusted
+  # certificate nginx cannot get (port 80 is closed)
+  command = plan
+  variables {
+    domain_name       = "api.example.com"
+    letsencrypt_email = "ops@example.com"
+  }
+  expect_failures = [var.letsencrypt_email]
+}
+
+run "a_named_single_host_without_an_acme_email_is_refused" {
+  command = plan
+  variables {
+    domain_name     = "api.example.com"
+    route53_zone_id = "Z0123456789ABCDEFGHIJ"
+  }
+  expect_failures = [var.letsencrypt_email]
+}
+
+run "a_malformed_acme_email_is_refused" {
+  command = plan
+  variables {
+    domain_name       = "api.example.com"
+    route53_zone_id   = "Z0123456789ABCDEFGHIJ"
+    letsencrypt_email = "ops at example.com"
+  }
+  expect_failures = [var.letsencrypt_email]
+}

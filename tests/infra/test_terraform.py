@@ -113,6 +113,10 @@ REFUSED = {
                         "needs a name"),
     "key_path": ('ssh_public_key = "~/.ssh/id_ed25519.pub"',
                  "ssh_public_key must be one OpenSSH public key line"),
+    "named_host_without_zone": ('domain_name = "api.example.com"',
+                                "domain_name on a single host means a Let's Encrypt certificate, "
+                                "obtained by a DNS-01 challenge in Route53 with the host's role: "
+                                "set route53_zone_id"),
     "gateway_port": ("metrics_ports = { gateway = 8080 }",
                      "outside 8000-8099 (the gateway on 8080 and vLLM on 8000+ are never exposed)"),
 }

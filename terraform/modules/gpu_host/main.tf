@@ -1,42 +1,21 @@
 locals {
-  # Ubuntu: Canonical's public SSM parameters name the current image of each release, so no
-  # name search can pick up a look-alike image (22.04 is refused by the variable's validation).
-  ubuntu_ami_parameter = {
-    "ubuntu-24.04" = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+  # Public SSM parameters name the current image of each flavour, so no name search can pick up
+  # a look-alike image from another account (22.04 is refused by the variable's validation):
+  # Canonical publishes plain Ubuntu's, AWS the Deep Learning AMIs' (the parameter's name is the
+  # image's name without "Deep Learning" and "AMI": "Deep Learning Base OSS Nvidia Driver GPU
+  # AMI (Ubuntu 24.04)", the x86_64 build).
+  ami_parameter = {
+    "ubuntu-24.04"       = "/aws/service/canonical/ubuntu/server/24.04/stable/current/amd64/hvm/ebs-gp3/ami-id"
+    "dlami-ubuntu-24.04" = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-24.04/latest/ami-id"
   }
-  # Deep Learning AMIs: the newest image of that name in Amazon's own account
-  dlami_name = {
-    "dlami-ubuntu-24.04" = "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 24.04) *"
-  }
-  ami_from_ssm   = var.ami_id == null && contains(keys(local.ubuntu_ami_parameter), var.ami_flavor)
-  ami_from_dlami = var.ami_id == null && contains(keys(local.dlami_name), var.ami_flavor)
-  ami_id = (var.ami_id != null ? var.ami_id
-    : local.ami_from_ssm ? data.aws_ssm_parameter.ubuntu_ami[0].insecure_value
-  : data.aws_ami.this[0].id)
+  ami_id = var.ami_id != null ? var.ami_id : data.aws_ssm_parameter.ami[0].insecure_value
 }
 
 # Public parameter: reading it needs ssm:GetParameter on arn:aws:ssm:<region>::parameter/aws/service/*
-data "aws_ssm_parameter" "ubuntu_ami" {
-  count = local.ami_from_ssm ? 1 : 0
+data "aws_ssm_parameter" "ami" {
+  count = var.ami_id == null ? 1 : 0
 
-  name = local.ubuntu_ami_parameter[var.ami_flavor]
-}
-
-data "aws_ami" "this" {
-  count = local.ami_from_dlami ? 1 : 0
-
-  most_recent = true
-  owners      = ["amazon"]
-
-  filter {
-    name   = "name"
-    values = [local.dlami_name[var.ami_flavor]]
-  }
-
-  filter {
-    name   = "architecture"
-    values = ["x86_64"]
-  }
+  name = local.ami_parameter[var.ami_flavor]
 }
 
 data "aws_partition" "current" {}
@@ -86,6 +65,44 @@ resource "aws_iam_role_policy" "model_bucket_cache" {
 moved {
   from = aws_iam_role_policy.model_bucket_read
   to   = aws_iam_role_policy.model_bucket_cache
+}
+
+# Let's Encrypt on a single host (no load balancer): certbot's Route53 plugin answers the DNS-01
+# challenge with the instance role's credentials, so port 80 stays closed. It lists the zones to
+# find the one of the name (ListHostedZones cannot be narrowed to a zone), writes and removes
+# the TXT record, and polls the change until it is in sync (GetChange, on change IDs only).
+# Writes are limited to the deployment's zone, and there to TXT records named
+# _acme-challenge.<domain>: the host cannot repoint the API's own A record or touch others.
+resource "aws_iam_role_policy" "letsencrypt_dns" {
+  count = var.letsencrypt_domain != null ? 1 : 0
+
+  name = "letsencrypt-dns-route53"
+  role = aws_iam_role.this.id
+  policy = jsonencode({
+    Version = "2012-10-17"
+    Statement = [
+      { Sid = "FindTheZone", Effect = "Allow", Action = "route53:ListHostedZones", Resource = "*" },
+      {
+        Sid      = "WaitForTheChange"
+        Effect   = "Allow"
+        Action   = "route53:GetChange"
+        Resource = "arn:${data.aws_partition.current.partition}:route53:::change/*"
+      },
+      {
+        Sid      = "WriteTheChallengeRecord"
+        Effect   = "Allow"
+        Action   = "route53:ChangeResourceRecordSets"
+        Resource = "arn:${data.aws_partition.current.partition}:route53:::hostedzone/${coalesce(var.letsencrypt_zone_id, "-")}"
+        Condition = {
+          "ForAllValues:StringEquals" = {
+            "route53:ChangeResourceRecordSetsNormalizedRecordNames" = ["_acme-challenge.${coalesce(var.letsencrypt_domain, "-")}"]
+            "route53:ChangeResourceRecordSetsRecordTypes"           = ["TXT"]
+            "route53:ChangeResourceRecordSetsActions"               = ["UPSERT", "DELETE"]
+          }
+        }
+      },
+    ]
+  })
 }
 
 resource "aws_iam_instance_profile" "this" {

@@ -38,3 +38,8 @@ output "model_cache_url" {
   description = "s3://<bucket>/<prefix> the hosts may read and write as the models role's cache (models_s3_cache), or null without bucket access."
   value       = var.enable_model_bucket_access ? "s3://${element(split(":", var.model_bucket_arn), 5)}/${var.model_bucket_write_prefix}" : null
 }
+
+output "letsencrypt_dns_policy" {
+  description = "The Route53 policy (JSON) the hosts' role has for certbot's DNS-01 challenge, or null without letsencrypt_domain."
+  value       = var.letsencrypt_domain != null ? aws_iam_role_policy.letsencrypt_dns[0].policy : null
+}

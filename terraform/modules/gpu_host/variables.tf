@@ -32,7 +32,7 @@ variable "instance_type" {
 
 variable "ami_flavor" {
   type        = string
-  description = "Operating system image looked up when ami_id is not set: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base AMI on Ubuntu (driver preinstalled)."
+  description = "Operating system image looked up when ami_id is not set: plain Ubuntu LTS (Ansible installs the NVIDIA driver) or the AWS Deep Learning Base OSS Nvidia Driver GPU AMI on Ubuntu (driver preinstalled). Both come from the vendors' public SSM parameters."
   default     = "ubuntu-24.04"
 
   validation {
@@ -143,5 +143,27 @@ variable "model_bucket_write_prefix" {
   validation {
     condition     = can(regex("^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$", var.model_bucket_write_prefix))
     error_message = "model_bucket_write_prefix must be lowercase path segments separated by single slashes, without a leading or trailing slash, e.g. hf-cache."
+  }
+}
+
+variable "letsencrypt_domain" {
+  type        = string
+  description = "Name a single host gets a Let's Encrypt certificate for, by a DNS-01 challenge in letsencrypt_zone_id (certbot's Route53 plugin, with the instance role); null: no Route53 permissions."
+  default     = null
+
+  validation {
+    condition     = var.letsencrypt_domain == null || can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", coalesce(var.letsencrypt_domain, "-")))
+    error_message = "letsencrypt_domain must be null or a lowercase DNS name such as api.example.com."
+  }
+}
+
+variable "letsencrypt_zone_id" {
+  type        = string
+  description = "Route53 hosted zone of letsencrypt_domain: the only zone in which the instance role may write, and there only the TXT record _acme-challenge.<letsencrypt_domain>."
+  default     = null
+
+  validation {
+    condition     = (var.letsencrypt_zone_id == null) == (var.letsencrypt_domain == null) && (var.letsencrypt_zone_id == null || can(regex("^Z[A-Z0-9]{1,31}$", coalesce(var.letsencrypt_zone_id, "-"))))
+    error_message = "letsencrypt_zone_id must be a Route53 hosted zone ID such as Z0123456789ABCDEFGHIJ when letsencrypt_domain is set, and null when it is not."
   }
 }

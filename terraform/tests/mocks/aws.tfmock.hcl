@@ -12,12 +12,8 @@ mock_data "aws_availability_zones" {
   defaults = { names = ["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d"] }
 }
 
-mock_data "aws_ami" {
-  defaults = { id = "ami-0123456789abcdef0" }
-}
-
 mock_data "aws_ssm_parameter" {
-  # Canonical's parameter holds the current Ubuntu image ID
+  # Canonical's (Ubuntu) and AWS's (Deep Learning AMI) public parameters hold the current image ID
   defaults = { insecure_value = "ami-0123456789abcdef0", type = "String" }
 }
 
