@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             write(path, render_alertmanager(**overrides), mode=0o600)
             print(path)
     if not args.out:
-        return 0 if args.alertmanager_examples else ap.error("--out is required")
+        if not args.alertmanager_examples:
+            ap.error("give --out, --alertmanager-examples or both")
+        return 0
     try:
         text = render_config(monitoring_scrape_interval=args.scrape_interval,
                              monitoring_prometheus_listen=args.prometheus_listen,
