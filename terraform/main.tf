@@ -140,4 +140,7 @@ module "alerts" {
   host_role_name = module.gpu_host.iam_role_name
   alert_email    = var.alert_email
   kms_key_arn    = var.alert_topic_kms_key_arn
+  # only for the `email` receiver's relay
+  host_security_group_id = module.security.host_security_group_id
+  smtp_port              = var.alert_smtp_port
 }

@@ -249,3 +249,14 @@ variable "alert_topic_kms_key_arn" {
     error_message = "alert_topic_kms_key_arn must be null or a KMS key ARN (arn:aws:kms:<region>:<account>:key/<key id>)."
   }
 }
+
+variable "alert_smtp_port" {
+  type        = number
+  description = "Let the hosts reach an SMTP relay on this port (587 for Amazon SES), for the monitoring role's `email` receiver; null: the hosts send to TCP 80/443 only, which SNS needs."
+  default     = null
+
+  validation {
+    condition     = var.alert_smtp_port == null || contains([25, 465, 587, 2465, 2587], coalesce(var.alert_smtp_port, 0))
+    error_message = "alert_smtp_port must be null or an SMTP port: 25, 465, 587, 2465 or 2587."
+  }
+}

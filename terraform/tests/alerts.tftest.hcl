@@ -41,6 +41,10 @@ run "module_defaults_an_encrypted_topic_no_subscription_publish_only" {
     error_message = "no alert_email: no subscription"
   }
   assert {
+    condition     = length(aws_vpc_security_group_egress_rule.smtp) == 0
+    error_message = "SNS needs no port beyond 443: no SMTP egress by default"
+  }
+  assert {
     condition     = aws_iam_role_policy.publish.role == "llm-gpu-host-role"
     error_message = "the publish policy belongs to the hosts' role"
   }
@@ -110,12 +114,40 @@ run "root_creates_the_topic_for_the_hosts_role_and_outputs_its_arn" {
   }
 }
 
+run "module_opens_the_smtp_port_for_the_email_receiver_only_when_asked" {
+  command = plan
+
+  module {
+    source = "./modules/alerts"
+  }
+
+  variables {
+    name                   = "llm"
+    region                 = "us-east-1"
+    host_role_name         = "llm-gpu-host-role"
+    host_security_group_id = "sg-0123456789abcdef0"
+    smtp_port              = 587
+  }
+
+  assert {
+    condition = (
+      length(aws_vpc_security_group_egress_rule.smtp) == 1 &&
+      aws_vpc_security_group_egress_rule.smtp[0].security_group_id == "sg-0123456789abcdef0" &&
+      aws_vpc_security_group_egress_rule.smtp[0].from_port == 587 &&
+      aws_vpc_security_group_egress_rule.smtp[0].to_port == 587 &&
+      aws_vpc_security_group_egress_rule.smtp[0].ip_protocol == "tcp"
+    )
+    error_message = "smtp_port must open exactly that TCP port outbound from the hosts' group"
+  }
+}
+
 run "root_refuses_a_malformed_alert_email" {
   command = plan
 
   variables {
-    alert_email = "oncall at example.com"
+    alert_email     = "oncall at example.com"
+    alert_smtp_port = 8080
   }
 
-  expect_failures = [var.alert_email]
+  expect_failures = [var.alert_email, var.alert_smtp_port]
 }

@@ -40,3 +40,16 @@ resource "aws_iam_role_policy" "publish" {
     )
   })
 }
+
+# The hosts may send to the web only (TCP 80/443); the `email` receiver's relay needs its
+# submission port too (587 for Amazon SES and most relays). SNS needs nothing more: it is 443.
+resource "aws_vpc_security_group_egress_rule" "smtp" {
+  count = var.smtp_port != null ? 1 : 0
+
+  security_group_id = var.host_security_group_id
+  description       = "Outbound SMTP to the alert mail relay"
+  ip_protocol       = "tcp"
+  from_port         = var.smtp_port
+  to_port           = var.smtp_port
+  cidr_ipv4         = "0.0.0.0/0"
+}

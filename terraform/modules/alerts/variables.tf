@@ -49,3 +49,24 @@ variable "kms_key_arn" {
     error_message = "kms_key_arn must be null or a KMS key ARN (arn:aws:kms:<region>:<account>:key/<key id>)."
   }
 }
+
+variable "host_security_group_id" {
+  type        = string
+  description = "Security group of the GPU hosts; it gets the SMTP egress rule when smtp_port is set."
+  default     = null
+}
+
+variable "smtp_port" {
+  type        = number
+  description = "Open this TCP port outbound from the hosts, for the monitoring role's `email` receiver (587: STARTTLS submission, as Amazon SES); null: none (SNS needs none)."
+  default     = null
+
+  validation {
+    condition     = var.smtp_port == null || contains([25, 465, 587, 2465, 2587], coalesce(var.smtp_port, 0))
+    error_message = "smtp_port must be null or an SMTP port: 25, 465, 587, 2465 or 2587."
+  }
+  validation {
+    condition     = var.smtp_port == null || var.host_security_group_id != null
+    error_message = "smtp_port needs host_security_group_id."
+  }
+}
