@@ -230,8 +230,13 @@ def test_an_alert_added_with_amtool_is_mailed_through_the_relay_with_its_login(
                          "host=gpu-7", "model=tiny-sql", summary="routing test alert by mail")
         if not sink.got.wait(30):
             raise AssertionError(f"no mail arrived.\nalertmanager:\n{am.log()}")
+        # the config Alertmanager shows (its UI, /api/v2/status) masks the password
+        shown = httpx.get(f"{am_url}/api/v2/status", timeout=10).json()["config"]["original"]
     finally:
         am.stop()
+
+    assert "smtp_auth_password: <secret>" in shown
+    assert SMTP_PASSWORD not in shown and SMTP_PASSWORD not in am.log()
 
     mail = sink.messages[0]
     assert sink.logins == [(SMTP_USER.encode(), SMTP_PASSWORD.encode())]
