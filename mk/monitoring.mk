@@ -1,7 +1,9 @@
 # Monitoring: monitoring/ holds the scrape config template, alert and recording rules with their
-# promtool tests, and the Grafana dashboards. docs/monitoring.md is the runbook.
-DEB_PACKAGES += prometheus prometheus-node-exporter
+# promtool tests, the Alertmanager config, and the Grafana dashboards. docs/monitoring.md is the
+# runbook. prometheus-alertmanager brings amtool and the Alertmanager the routing tests run.
+DEB_PACKAGES += prometheus prometheus-node-exporter prometheus-alertmanager
 PROMTOOL ?= promtool
+AMTOOL ?= amtool
 PROMETHEUS ?= prometheus
 NODE_EXPORTER ?= prometheus-node-exporter
 MON_RUN := .local/run/monitoring
@@ -46,10 +48,12 @@ local-monitoring-down: ## stop what `make local-monitoring` started (by PID)
 	  if [ -d /proc/$$pid ]; then kill -TERM $$pid && echo ">> stopped $$name (pid $$pid)"; fi; \
 	  rm -f $$pidf; done
 
-monitoring-check: deps-system venv ## promtool: rendered config, rules, rule unit tests; dashboards up to date
+monitoring-check: deps-system venv ## promtool and amtool: rendered configs, rules, rule unit tests; dashboards up to date
 	@mkdir -p $(MON_RUN)
 	@$(PY) -m monitoring.render --out $(MON_RUN)/check-prometheus.yml
 	$(PROMTOOL) check config $(MON_RUN)/check-prometheus.yml
+	@$(PY) -m monitoring.render --alertmanager-examples $(MON_RUN)/check-alertmanager >/dev/null
+	$(AMTOOL) check-config $(MON_RUN)/check-alertmanager/alertmanager-*.yml
 	$(PROMTOOL) check rules monitoring/rules/*.rules.yml
 	$(PROMTOOL) test rules monitoring/tests/*.test.yml
 	$(PY) -m monitoring.dashboards --check

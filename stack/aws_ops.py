@@ -111,6 +111,8 @@ class Deployment:
     model_bucket_name: str | None = None
     # s3://bucket/prefix the hosts may read and write (Terraform's model_cache_url)
     model_cache_url: str | None = None
+    # the SNS topic the hosts' Alertmanager publishes alerts to (Terraform's alert_topic_arn)
+    alert_topic_arn: str | None = None
     source: str = "terraform"
     # where the endpoint's certificate comes from: acm, letsencrypt or self-signed (tls_mode())
     api_tls: str | None = None
@@ -362,6 +364,7 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             model_cache_url=value.get("model_cache_url"), source="terraform",
             api_tls=value.get("api_tls"), letsencrypt_domain=value.get("letsencrypt_domain"),
             letsencrypt_email=value.get("letsencrypt_email"),
+            alert_topic_arn=value.get("alert_topic_arn"),
         )
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -459,14 +462,22 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
         group_vars["nginx_letsencrypt_email"] = dep.letsencrypt_email or ""
     if identity:
         group_vars["ansible_ssh_private_key_file"] = identity
+    monitoring_vars = {
+        # the password's file, not the password: the inventory holds no secret
+        "monitoring_grafana_admin_password":
+            f"{{{{ lookup('ansible.builtin.file', '{GRAFANA_PASSWORD}') }}}}",
+    }
+    if dep.alert_topic_arn:
+        # alerts go to the deployment's SNS topic, published with the instance role (Terraform
+        # allows it on this topic only); group_vars/monitoring.yml may choose otherwise
+        monitoring_vars["monitoring_alert_receiver"] = "sns"
+        monitoring_vars["monitoring_alert_sns_topic_arn"] = dep.alert_topic_arn
     return {"all": {"children": {
         "gpu_hosts": {"vars": group_vars, "hosts": host_vars},
         # Prometheus and Grafana run on the first GPU host unless a monitoring host is added
         "monitoring": {
             "hosts": {dep.hosts[0].name: None},
-            # the password's file, not the password: the inventory holds no secret
-            "vars": {"monitoring_grafana_admin_password":
-                     f"{{{{ lookup('ansible.builtin.file', '{GRAFANA_PASSWORD}') }}}}"},
+            "vars": monitoring_vars,
         },
     }}}
 
@@ -521,7 +532,9 @@ def read_inventory(path: Path = INVENTORY) -> Deployment:
                       model_cache_url=gv.get("models_s3_cache"), source="inventory",
                       api_tls=gv.get("api_tls"),
                       letsencrypt_domain=gv.get("nginx_letsencrypt_domain") or None,
-                      letsencrypt_email=gv.get("nginx_letsencrypt_email") or None)
+                      letsencrypt_email=gv.get("nginx_letsencrypt_email") or None,
+                      alert_topic_arn=(doc["all"]["children"].get("monitoring", {}).get("vars")
+                                       or {}).get("monitoring_alert_sns_topic_arn"))
 
 
 # ---- commands ----------------------------------------------------------------------------------

@@ -138,3 +138,18 @@ module "dns" {
   alias_zone_id = local.create_load_balancer ? module.load_balancer[0].zone_id : null
   addresses     = local.create_load_balancer ? [] : module.gpu_host.hosts[*].public_ip
 }
+
+# The topic the hosts' Alertmanager publishes alerts to, with the hosts' role allowed to
+# publish there and nowhere else.
+module "alerts" {
+  source = "./modules/alerts"
+
+  name           = var.name
+  region         = var.region
+  host_role_name = module.gpu_host.iam_role_name
+  alert_email    = var.alert_email
+  kms_key_arn    = var.alert_topic_kms_key_arn
+  # only for the `email` receiver's relay
+  host_security_group_id = module.security.host_security_group_id
+  smtp_port              = var.alert_smtp_port
+}

@@ -97,3 +97,8 @@ output "public_subnet_ids" {
   description = "Public subnets (two availability zones)."
   value       = module.network.public_subnet_ids
 }
+
+output "alert_topic_arn" {
+  description = "SNS topic the hosts' Alertmanager publishes alerts to (make inventory passes it to the monitoring role); subscribe to it to be told."
+  value       = module.alerts.topic_arn
+}

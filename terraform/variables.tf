@@ -241,3 +241,38 @@ variable "tags" {
     error_message = "tags must not set Project or Role: the operations tools find the hosts by them."
   }
 }
+
+# ---- alerts --------------------------------------------------------------------------------
+
+variable "alert_email" {
+  type        = string
+  description = "E-mail address subscribed to the alerts topic the hosts' Alertmanager publishes to (AWS sends a confirmation link first); null: subscribe yourself."
+  default     = null
+
+  validation {
+    condition     = var.alert_email == null || can(regex("^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$", var.alert_email))
+    error_message = "alert_email must be null or one e-mail address, such as oncall@example.com."
+  }
+}
+
+variable "alert_topic_kms_key_arn" {
+  type        = string
+  description = "Customer-managed KMS key ARN for the alerts topic (its key policy must let SNS and the hosts' role use it); null: the AWS-managed SNS key."
+  default     = null
+
+  validation {
+    condition     = var.alert_topic_kms_key_arn == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/(mrk-[0-9a-f]{32}|[0-9a-f-]{36})$", var.alert_topic_kms_key_arn))
+    error_message = "alert_topic_kms_key_arn must be null or a KMS key ARN (arn:aws:kms:<region>:<account>:key/<key id>)."
+  }
+}
+
+variable "alert_smtp_port" {
+  type        = number
+  description = "Let the hosts reach an SMTP relay on this port (587 for Amazon SES), for the monitoring role's `email` receiver; null: the hosts send to TCP 80/443 only, which SNS needs."
+  default     = null
+
+  validation {
+    condition     = var.alert_smtp_port == null || contains([25, 465, 587, 2465, 2587], coalesce(var.alert_smtp_port, 0))
+    error_message = "alert_smtp_port must be null or an SMTP port: 25, 465, 587, 2465 or 2587."
+  }
+}

@@ -271,6 +271,36 @@ def test_no_bucket_leaves_the_cache_off(paths):
     assert "models_s3_cache" not in group["vars"]
 
 
+MONITORING_ROLE_OPTIONS = yaml.safe_load(
+    (aws_ops.ROOT / "ansible/roles/monitoring/meta/argument_specs.yml").read_text()
+)["argument_specs"]["main"]["options"]
+ALERT_TOPIC = "arn:aws:sns:us-east-1:123456789012:llm-alerts"
+
+
+def test_the_alert_topic_routes_the_monitoring_hosts_alerts_to_sns(paths):
+    _terraform_says(paths, {**TF_OUTPUTS, "alert_topic_arn": {"value": ALERT_TOPIC}})
+    assert paths.run("inventory") == 0
+
+    doc = yaml.safe_load(paths.out.read_text())["all"]["children"]
+    monitoring = doc["monitoring"]["vars"]
+    # the monitoring role's own variables, set where the role runs
+    assert {"monitoring_alert_receiver", "monitoring_alert_sns_topic_arn"} <= set(
+        MONITORING_ROLE_OPTIONS)
+    assert monitoring["monitoring_alert_receiver"] == "sns"
+    assert monitoring["monitoring_alert_sns_topic_arn"] == ALERT_TOPIC
+    assert "monitoring_alert_receiver" not in doc["gpu_hosts"]["vars"]
+    assert aws_ops.read_inventory(paths.out).alert_topic_arn == ALERT_TOPIC
+
+
+def test_without_a_topic_the_roles_default_receiver_applies(paths):
+    _terraform_says(paths, TF_OUTPUTS)  # state from before the alerts topic existed
+    assert paths.run("inventory") == 0
+
+    monitoring = yaml.safe_load(paths.out.read_text())["all"]["children"]["monitoring"]["vars"]
+    assert not any(k.startswith("monitoring_alert") for k in monitoring)
+    assert aws_ops.read_inventory(paths.out).alert_topic_arn is None
+
+
 def test_inventory_from_terraform_without_state_says_what_to_do(paths, capsys):
     paths.tool("terraform", "echo '{}'\n")
     assert paths.run("inventory", "--source", "terraform") == 2

@@ -26,6 +26,10 @@ MODELS_FILE = ROOT / "ansible" / "group_vars" / "all" / "models.yml"
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool missing: `make deps` installs the Debian prometheus package")
+AMTOOL = shutil.which("amtool")
+needs_amtool = pytest.mark.skipif(
+    AMTOOL is None,
+    reason="amtool missing: `make deps` installs the Debian prometheus-alertmanager package")
 
 # argument_specs type -> the Python type a literal default of that type has
 SPEC_TYPES = {"str": str, "path": str, "int": int, "bool": bool, "list": list, "dict": dict}
@@ -275,3 +279,106 @@ def test_deb822_repository_runs_only_after_python3_debian_is_installed():
                      ([apt["name"]] if isinstance(apt.get("name"), str) else apt.get("name", []))]
             assert "python3-debian" in names, f"{path.relative_to(ROOT)}: {task['name']}"
     assert users >= 1  # Grafana's repository
+
+
+# ------------------------------------------------------------------ Alertmanager
+
+
+def alertmanager_config_task() -> dict:
+    tasks = load_yaml(ROLE / "tasks" / "alertmanager.yml")
+    return next(t for t in tasks if str(t.get("ansible.builtin.template", {}).get("src", ""))
+                .endswith("/alertmanager.yml.j2"))
+
+
+def render_alertmanager_config(variables: dict[str, Any]) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(ROOT)),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True,
+                             keep_trailing_newline=True)
+    return env.get_template("monitoring/alertmanager.yml.j2").render(variables)
+
+
+RECEIVERS = {
+    "none": {},
+    "sns": {"monitoring_alert_receiver": "sns",
+            "monitoring_alert_sns_topic_arn": "arn:aws:sns:eu-west-1:123456789012:llm-alerts"},
+    "email": {"monitoring_alert_receiver": "email",
+              "monitoring_alert_email_smarthost": "email-smtp.eu-west-1.amazonaws.com:587",
+              "monitoring_alert_email_from": "alerts@example.com",
+              "monitoring_alert_email_to": "oncall@example.com, sre@example.com",
+              "monitoring_alert_email_username": "AKIAEXAMPLE",
+              "monitoring_alert_email_password": 'p"a:ss\\#word'},
+}
+
+
+def test_alerts_go_nowhere_by_default_and_the_smtp_password_is_a_secret():
+    d = defaults()
+    assert d["monitoring_alert_receiver"] == "none"
+    assert set(spec_options()["monitoring_alert_receiver"]["choices"]) == {"sns", "email", "none"}
+    assert d["monitoring_alert_email_password"] == ""
+    assert spec_options()["monitoring_alert_email_password"]["no_log"] is True
+
+
+def test_alertmanager_listens_on_loopback_with_clustering_off():
+    text = render_role_template("alertmanager.default.j2", role_vars(SAME_HOST))
+    args = next(ln for ln in text.splitlines() if ln.startswith("ARGS=")).split("=", 1)[1]
+    assert args.strip('"').split() == [
+        "--config.file=/etc/prometheus/alertmanager.yml",
+        "--web.listen-address=127.0.0.1:9093",
+        "--cluster.listen-address=",  # empty: no gossip port on 0.0.0.0:9094
+    ]
+
+
+def test_prometheus_sends_alerts_to_the_roles_alertmanager_and_scrapes_it(rules_dir):
+    cfg = yaml.safe_load(render_scrape_config(role_vars(SAME_HOST,
+                                                        monitoring_rules_dir=str(rules_dir))))
+    assert cfg["alerting"]["alertmanagers"] == [{"static_configs": [
+        {"targets": ["127.0.0.1:9093"]}]}]
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    assert jobs["alertmanager"]["static_configs"] == [{"targets": ["127.0.0.1:9093"]}]
+
+
+def test_alertmanager_config_is_private_checked_by_amtool_and_its_secret_kept_out_of_logs():
+    task = alertmanager_config_task()
+    t = task["ansible.builtin.template"]
+    assert (t["owner"], t["group"], t["mode"]) == ("root", "prometheus", "0640")
+    assert t["validate"] == "amtool check-config %s"
+    native = native_env()
+    no_log = task["no_log"]
+    assert native.from_string(no_log).render(monitoring_alert_email_password="x") is True
+    assert native.from_string(no_log).render(monitoring_alert_email_password="") is False
+    # the flags go in before the package, whose first start would otherwise use its own
+    names = [next(iter(k for k in x if k.startswith("ansible.builtin."))) for x in
+             load_yaml(ROLE / "tasks" / "alertmanager.yml")]
+    assert names.index("ansible.builtin.template") < names.index("ansible.builtin.apt")
+
+
+@pytest.mark.parametrize("receiver", list(RECEIVERS))
+def test_the_rendered_config_routes_everything_to_the_one_receiver(receiver):
+    cfg = yaml.safe_load(render_alertmanager_config(role_vars(SAME_HOST, **RECEIVERS[receiver])))
+    assert cfg["route"]["receiver"] == receiver
+    assert [r["name"] for r in cfg["receivers"]] == [receiver]
+    assert cfg["route"]["group_by"] == ["alertname", "host", "model"]
+    assert cfg["route"]["repeat_interval"] == "4h"
+    if receiver == "sns":
+        sns = cfg["receivers"][0]["sns_configs"][0]
+        assert sns["topic_arn"] == RECEIVERS["sns"]["monitoring_alert_sns_topic_arn"]
+        assert sns["sigv4"] == {"region": "eu-west-1"}  # no keys: the instance role signs
+    if receiver == "email":
+        assert cfg["global"]["smtp_auth_password"] == RECEIVERS["email"][
+            "monitoring_alert_email_password"]
+        assert cfg["global"]["smtp_require_tls"] is True
+        to = cfg["receivers"][0]["email_configs"][0]["to"]
+        assert to == "oncall@example.com, sre@example.com"
+    if receiver == "none":
+        assert "smtp_auth_password" not in cfg["global"]
+
+
+@needs_amtool
+@pytest.mark.parametrize("receiver", list(RECEIVERS))
+def test_amtool_accepts_the_config_the_role_renders(receiver, tmp_path):
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(render_alertmanager_config(role_vars(SAME_HOST, **RECEIVERS[receiver])))
+    out = subprocess.run([AMTOOL, "check-config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout and "- 1 receivers" in out.stdout, out.stdout
+    assert "- 2 inhibit rules" in out.stdout, out.stdout
