@@ -1027,7 +1027,7 @@ def test_smoke_gpu_shows_each_engines_gpu_on_a_multi_gpu_type(tmp_path, monkeypa
     (tmp_path / "models.yml").write_text(yaml.safe_dump(pinned))
     monkeypatch.setattr(declaration, "DECLARATION", tmp_path / "models.yml")
     exp = gpu_smoke.expected("g5.12xlarge")
-    assert exp.gpus == {"text2sql": 0, "sqlcoder": 1, "embed": 0}
+    assert exp.gpus == {"text2sql": 0, "sqlcoder": 1, "embed": 2}  # spread, sqlcoder pinned
     assert exp.shares["sqlcoder"] > 0.9  # alone on GPU 1
     seen = gpu_smoke.check_memory(exp, lambda cmd, stdin: (answer[0], answer[1], "")).seen
     assert re.search(r"sqlcoder 14390/\d+ MiB \(share 0\.9\d\d of GPU 1\)", seen), seen
