@@ -68,7 +68,8 @@ HOST_ROLE = "gpu-host"
 # the units `make status` shows; Debian/Ubuntu's node exporter unit is named after its package
 # (the node_exporter role installs prometheus-node-exporter)
 UNITS = ["nginx.service", "gateway.service", "vllm@*.service",
-         "prometheus-node-exporter.service", "dcgm-exporter.service"]
+         "prometheus-node-exporter.service", "dcgm-exporter.service", "prometheus.service",
+         "prometheus-alertmanager.service"]
 # Service Quotas codes of the "Running On-Demand ... instances" vCPU limits
 QUOTA_CODES = {"g": ("L-DB2E81BA", "G and VT"), "p": ("L-417A185B", "P")}
 
