@@ -581,7 +581,8 @@ def test_terraform_runs_init_then_the_command_in_the_terraform_dir(paths, tmp_pa
 # install (Debian/Ubuntu's node exporter is prometheus-node-exporter.service).
 STATUS_COMMAND = (
     "systemctl list-units --all --no-legend --plain --type=service nginx.service "
-    "gateway.service 'vllm@*.service' prometheus-node-exporter.service dcgm-exporter.service; "
+    "gateway.service 'vllm@*.service' prometheus-node-exporter.service dcgm-exporter.service "
+    "prometheus.service prometheus-alertmanager.service; "
     "echo \"ready=$(curl -sk -o /dev/null -m 5 -w '%{http_code}' https://127.0.0.1/ready)\"")
 
 
@@ -606,6 +607,7 @@ def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, ca
         gateway.service loaded active running LLM gateway
         nginx.service loaded active running nginx
         prometheus-node-exporter.service loaded active running Prometheus exporter
+        prometheus-alertmanager.service loaded failed failed Alertmanager
         vllm@text2sql.service loaded activating start vLLM text2sql
         ready=503
         """)
@@ -621,6 +623,7 @@ def test_status_shows_state_units_and_ready_per_host(paths, aws, monkeypatch, ca
     assert "running" in first and "503" in first
     assert "gateway=active/running" in first and "vllm@text2sql=activating/start" in first
     assert "prometheus-node-exporter=active/running" in first
+    assert "prometheus-alertmanager=failed/failed" in first
     assert "stopped" in second and made[1]["ip"] in second and "gateway" not in second
 
 
