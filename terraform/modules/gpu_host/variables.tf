@@ -145,3 +145,9 @@ variable "model_bucket_write_prefix" {
     error_message = "model_bucket_write_prefix must be lowercase path segments separated by single slashes, without a leading or trailing slash, e.g. hf-cache."
   }
 }
+
+variable "detailed_monitoring" {
+  type        = bool
+  description = "One-minute CloudWatch metrics for the hosts (EC2 detailed monitoring)."
+  default     = true
+}
