@@ -22,7 +22,7 @@ vCPU quota, a region without the GPU type) ends in one line saying what to do, e
 Test only: LLM_SIM_HOST_ADDRESSES names a YAML file {host name: address}. The simulated deploy
 (tests/infra/simulated_aws.py, against an AWS emulator whose instance addresses lead nowhere)
 sets it so that every connection these tools make, and the inventory's ansible_host, go to
-its test hosts instead. Never set it for a real deployment.
+its test hosts instead. It is refused unless AWS_ENDPOINT_URL (the emulator) is set too.
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def simulated_addresses() -> dict[str, str] | None:
     name = os.environ.get(SIM_ADDRESSES_ENV, "").strip()
     if not name:
         return None
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        # a real deployment's hosts must never be swapped for other addresses
+        raise OpsError(f"{SIM_ADDRESSES_ENV} is set but AWS_ENDPOINT_URL is not: the address "
+                       "map is for the simulated deploy against an AWS emulator only; unset it")
     path = Path(name)
     try:
         doc = yaml.safe_load(path.read_text())

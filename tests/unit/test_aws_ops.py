@@ -44,7 +44,7 @@ def paths(tmp_path, monkeypatch):
     # no credentials from the machine running the tests, and no metadata-service probe
     for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                 "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY",
-                aws_ops.SIM_ADDRESSES_ENV):
+                "AWS_ENDPOINT_URL", aws_ops.SIM_ADDRESSES_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
@@ -233,6 +233,7 @@ def _simulating(paths, monkeypatch, tmp_path, mapping) -> None:
     path = tmp_path / "addresses.yml"
     path.write_text(yaml.safe_dump(mapping) if not isinstance(mapping, str) else mapping)
     monkeypatch.setenv(aws_ops.SIM_ADDRESSES_ENV, str(path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the emulator's
 
 
 def test_simulation_points_ssh_and_the_endpoint_at_the_test_host(paths, monkeypatch, tmp_path,
@@ -270,8 +271,18 @@ def test_a_bad_simulation_map_is_one_clear_line(paths, monkeypatch, tmp_path, ca
 def test_a_missing_simulation_map_is_one_clear_line(paths, monkeypatch, tmp_path, capsys):
     _terraform_says(paths, TF_OUTPUTS)
     monkeypatch.setenv(aws_ops.SIM_ADDRESSES_ENV, str(tmp_path / "nothing.yml"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     assert paths.run("inventory") == 2
     assert "unset it for a real one" in one_error_line(capsys.readouterr())
+
+
+def test_the_simulation_map_is_refused_against_real_aws(paths, monkeypatch, tmp_path, capsys):
+    _simulating(paths, monkeypatch, tmp_path, {"llm-gpu-0": "10.213.0.11"})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert paths.run("inventory") == 2
+    assert "for the simulated deploy against an AWS emulator only" in one_error_line(
+        capsys.readouterr())
+    assert not paths.out.exists()
 
 
 MODELS_ROLE_OPTIONS = yaml.safe_load(
