@@ -99,10 +99,29 @@ def test_make_deploy_ran_every_step_against_the_emulator(deployed):
     assert inv["vars"]["ansible_user"] == "ubuntu"
 
 
+def terraform_changes(out: str) -> dict[str, list[str]]:
+    """{resource address: its changed attribute lines} of the plan Terraform printed."""
+    changes, current = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^  # (\S+) (will be|must be) ", line):
+            current = changes.setdefault(m.group(1), [])
+        elif current is not None and re.match(r"^    }$", line):
+            current = None
+        elif current is not None and re.match(r"^\s+[-+~] (?!resource )", line):
+            current.append(line.strip())
+    return changes
+
+
 def test_second_make_deploy_changes_nothing_in_aws_or_on_the_host(deployed):
     out = deployed["second"]
-    assert re.search(r"No changes\.|Apply complete! Resources: 0 added, 0 changed, "
-                     r"0 destroyed", out), out[-3000:]
+    assert re.search(r"Apply complete! Resources: 0 added, \d+ changed, 0 destroyed", out), \
+        out[-3000:]
+    # the one emulator gap (simulated_aws.yml, emulator.rule_descriptions): moto forgets the
+    # description of a rule that references a security group, so Terraform sets it again
+    for address, lines in terraform_changes(out).items():
+        assert re.match(r"module\.security\.aws_vpc_security_group_(in|e)gress_rule\.", address), \
+            (address, lines)
+        assert all(x.startswith("+ description ") for x in lines), (address, lines)
     changed = [x for x in out.splitlines() if x.startswith("changed:")]
     assert recap(out)["changed"] == 0, "\n".join(changed)
     assert recap(out)["failed"] == 0
