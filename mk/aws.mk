@@ -7,6 +7,9 @@ ANSIBLE_PLAYBOOK ?= $(VENV)/bin/ansible-playbook
 # the private key matching ssh_public_key, when it is not in ssh-agent or ~/.ssh defaults
 SSH_KEY ?=
 export SSH_KEY
+# more ansible-playbook arguments for the site.yml run of `make deploy`, such as
+# ANSIBLE_ARGS='-e @my-vars.yml' (extra vars win over group_vars) or '--limit llm-gpu-1'
+ANSIBLE_ARGS ?=
 HOST ?=
 UNIT ?=
 CMD ?=
@@ -46,7 +49,7 @@ deploy: venv ## AWS: terraform apply, inventory, SSH, Ansible, HTTPS smoke test 
 	@echo ">> [5/6] ansible-playbook site.yml (the first run installs the driver and loads models: 20-40 min)"
 	@# the hosts.yml just written, not the aws_ec2 plugin beside it: the plugin's filters name
 	@# one deployment and region, and could pick another deployment's hosts
-	@ANSIBLE_CONFIG=ansible/ansible.cfg $(ANSIBLE_PLAYBOOK) -i $(AWS_INVENTORY) ansible/site.yml
+	@ANSIBLE_CONFIG=ansible/ansible.cfg $(ANSIBLE_PLAYBOOK) -i $(AWS_INVENTORY) $(ANSIBLE_ARGS) ansible/site.yml
 	@echo ">> [6/6] HTTPS smoke test: GET /ready (the certificate checked where it is trusted)"
 	@$(AWS_OPS) smoke
 	@$(AWS_OPS) summary

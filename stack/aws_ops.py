@@ -19,12 +19,18 @@ TF_VAR_region / TF_VAR_name, else the variables' defaults: the same answer Terra
 
 Every failure a user can cause (no AWS credentials, no terraform or ansible, no G-instance
 vCPU quota, a region without the GPU type) ends in one line saying what to do, exit status 2.
+
+Test only: LLM_SIM_HOST_ADDRESSES names a YAML file {host name: address}. The simulated deploy
+(tests/infra/simulated_aws.py, against an AWS emulator whose instance addresses lead nowhere)
+sets it so that every connection these tools make, and the inventory's ansible_host, go to
+its test hosts instead. It is refused unless AWS_ENDPOINT_URL (the emulator) is set too.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -120,6 +126,56 @@ class Deployment:
     # a single host with domain_name: nginx gets a Let's Encrypt certificate for it (DNS-01)
     letsencrypt_domain: str | None = None
     letsencrypt_email: str | None = None
+
+
+# ---- test only: the simulated deploy's host addresses --------------------------------------------
+
+SIM_ADDRESSES_ENV = "LLM_SIM_HOST_ADDRESSES"
+
+
+def simulated_addresses() -> dict[str, str] | None:
+    """{host name: address} from the file $LLM_SIM_HOST_ADDRESSES names, None when unset."""
+    name = os.environ.get(SIM_ADDRESSES_ENV, "").strip()
+    if not name:
+        return None
+    if not os.environ.get("AWS_ENDPOINT_URL"):
+        # a real deployment's hosts must never be swapped for other addresses
+        raise OpsError(f"{SIM_ADDRESSES_ENV} is set but AWS_ENDPOINT_URL is not: the address "
+                       "map is for the simulated deploy against an AWS emulator only; unset it")
+    path = Path(name)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise OpsError(f"{SIM_ADDRESSES_ENV}={name}: cannot read it ({e}); it is for the "
+                       "simulated deploy only: unset it for a real one") from None
+    if not isinstance(doc, dict) or not doc:
+        raise OpsError(f"{SIM_ADDRESSES_ENV}={name}: want a YAML mapping of host name to "
+                       "address, such as {llm-gpu-0: 10.213.0.11}")
+    for host, address in doc.items():
+        try:
+            ipaddress.ip_address(str(address))
+        except ValueError:
+            raise OpsError(f"{SIM_ADDRESSES_ENV}={name}: {host}: {address!r} is not an IP "
+                           "address") from None
+    return {str(k): str(v) for k, v in doc.items()}
+
+
+def simulate(dep: Deployment) -> Deployment:
+    """With $LLM_SIM_HOST_ADDRESSES set, the deployment as the simulation reaches it: each
+    host's public address, and an endpoint that named a host, replaced by its test host's
+    address. Unchanged otherwise."""
+    addresses = simulated_addresses()
+    if addresses is None:
+        return dep
+    missing = [h.name for h in dep.hosts if h.name not in addresses]
+    if missing:
+        raise OpsError(f"{SIM_ADDRESSES_ENV} has no address for {', '.join(missing)}")
+    for h in dep.hosts:
+        fake = {a for a in (h.public_ip, h.public_dns) if a}
+        h.public_ip = addresses[h.name]
+        if dep.api_endpoint and dep.api_endpoint.removeprefix("https://") in fake:
+            dep.api_endpoint = f"https://{h.public_ip}"
+    return dep
 
 
 # ---- settings: the same values Terraform sees -------------------------------------------------
@@ -356,7 +412,7 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
     value = {k: v.get("value") for k, v in outputs.items()}
     known = {f.name for f in fields(Host)}
     try:
-        return Deployment(
+        return simulate(Deployment(
             name=value["name"], region=value["region"], ssh_user=value["ssh_user"],
             hosts=[Host(**{k: v for k, v in h.items() if k in known}) for h in value["hosts"]],
             api_endpoint=value.get("api_endpoint"),
@@ -366,7 +422,7 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             api_tls=value.get("api_tls"), letsencrypt_domain=value.get("letsencrypt_domain"),
             letsencrypt_email=value.get("letsencrypt_email"),
             alert_topic_arn=value.get("alert_topic_arn"),
-        )
+        ))
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
                        "`python -m stack.aws_ops terraform apply`) to refresh them") from None
@@ -399,11 +455,11 @@ def deployment_from_tags(session: boto3.Session, name: str, region: str) -> Depl
                     h.public_ip = addr["PublicIp"]
     user = _tags(instances[0]).get("SshUser", "ubuntu")
     single = hosts[0] if len(hosts) == 1 else None
-    return Deployment(
+    return simulate(Deployment(
         name=name, region=region, ssh_user=user, hosts=hosts, source="ec2 tags",
         # several hosts sit behind a load balancer whose name only Terraform knows
         api_endpoint=f"https://{single.public_dns or single.public_ip}" if single else None,
-    )
+    ))
 
 
 # ---- inventory ---------------------------------------------------------------------------------
@@ -652,6 +708,9 @@ def cmd_inventory(args: argparse.Namespace) -> int:
         print(f">> no Terraform state here: finding hosts by tags Project={name}, "
               f"Role={HOST_ROLE} in {region}")
         dep = deployment_from_tags(_session(region), name, region)
+    if simulated_addresses() is not None:
+        print(f">> SIMULATION ({SIM_ADDRESSES_ENV} is set, test only): the hosts' addresses "
+              "are the test hosts'", flush=True)
     write_inventory(dep, args.out, args.identity)
     print(f">> {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}: "
           f"{len(dep.hosts)} host(s) from {dep.source}")
@@ -765,7 +824,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for inst in instances:
         tag_name = _tags(inst).get("Name", inst["InstanceId"])
         known = next((h for h in dep.hosts if h.instance_id == inst["InstanceId"]), None)
-        host = known or Host(tag_name, inst["InstanceId"], inst.get("PublicIpAddress"))
+        host = known or simulate(Deployment(name, region, dep.ssh_user, [Host(
+            tag_name, inst["InstanceId"], inst.get("PublicIpAddress"))])).hosts[0]
         state = inst["State"]["Name"]
         units, ready = ("-", "-")
         if state == "running" and host.public_ip and not args.no_ssh:

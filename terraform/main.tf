@@ -103,6 +103,7 @@ module "gpu_host" {
   subnets               = module.network.public_subnets
   root_volume_size_gb   = var.root_volume_size_gb
   models_volume_size_gb = var.models_volume_size_gb
+  detailed_monitoring   = var.enable_detailed_monitoring
   # the hosts carry the monitoring group too: a Prometheus on one of them scrapes its peers
   security_group_ids         = [module.security.host_security_group_id, module.security.monitoring_security_group_id]
   enable_model_bucket_access = var.create_model_bucket

@@ -162,6 +162,12 @@ variable "metrics_ports" {
   }
 }
 
+variable "enable_detailed_monitoring" {
+  type        = bool
+  description = "One-minute CloudWatch metrics for the GPU hosts (EC2 detailed monitoring, billed per metric): GPU hosts are expensive to watch blind. False: AWS's free five-minute metrics."
+  default     = true
+}
+
 variable "enable_flow_logs" {
   type        = bool
   description = "Record VPC flow logs in CloudWatch Logs (costs per GB ingested)."

@@ -43,6 +43,21 @@ run "imdsv2_and_encryption_everywhere" {
   }
 }
 
+run "detailed_monitoring_is_a_setting" {
+  module {
+    source = "./modules/gpu_host"
+  }
+
+  variables {
+    detailed_monitoring = false
+  }
+
+  assert {
+    condition     = alltrue([for h in aws_instance.this : !h.monitoring && h.ebs_optimized])
+    error_message = "detailed_monitoring = false must turn off one-minute metrics, nothing else"
+  }
+}
+
 run "hosts_spread_over_both_zones_with_their_own_volume_and_address" {
   module {
     source = "./modules/gpu_host"

@@ -1,6 +1,14 @@
-"""site.yml on a real systemd host over SSH, in CPU mode: converge, converge again with
-nothing changed, verify from outside with testinfra, one HTTPS completion through the host,
-and a killed engine that systemd brings back."""
+"""`make deploy` end to end against a simulated AWS, converging a real systemd host over SSH.
+
+The real Makefile verbs run in a copy of this checkout (tests/infra/simulated_aws.py): preflight,
+terraform apply and destroy against moto's server, the inventory from Terraform's outputs, wait
+for SSH, site.yml, the HTTPS smoke test, `make status`, `make stop`/`start`, `make destroy`. The
+inventory's host address is the test host's (moto's addresses lead nowhere); every other
+difference from a real deploy is listed in simulated_aws.yml. This is the suite's only converge
+of the test host: `make deploy` twice (the second run changes nothing, in AWS or on the host),
+then testinfra checks, systemd security scores, one HTTPS completion, a killed engine that systemd
+brings back, and last a reboot after which the engines come back one after another.
+"""
 
 from __future__ import annotations
 
@@ -17,25 +25,20 @@ import yaml
 
 from stack import declaration, local
 from tests.infra import hosts as testhosts
+from tests.infra import simulated_aws as sim
+from tests.infra.test_terraform import provider_mirror
 
 pytestmark = pytest.mark.infra
 
 ANSIBLE = local.ROOT / "ansible"
 BIN = local.ROOT / ".venv" / "bin"
 MODELS = declaration.load()
+HOST = "llm-gpu-0"  # Terraform's name for the first host of the default deployment ("llm")
+INVENTORY = "ansible/inventories/aws/hosts.yml"
 
 
-def playbook(inventory, extra_vars, *args, playbook="site.yml"):
-    return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), "-e", f"@{extra_vars}",
-         playbook, *args],
-        cwd=ANSIBLE, capture_output=True, text=True, timeout=3600,
-        env={"ANSIBLE_FORCE_COLOR": "0", "PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin",
-             "HOME": str(local.STATE), "ANSIBLE_STDOUT_CALLBACK": "default"})
-
-
-def recap(output: str) -> dict[str, int]:
-    line = next(x for x in output.splitlines() if re.match(r"^gpu1\s+:", x))
+def recap(output: str, host: str = HOST) -> dict[str, int]:
+    line = next(x for x in output.splitlines() if re.match(rf"^{re.escape(host)}\s+:", x))
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
@@ -51,48 +54,82 @@ def test_syntax_and_lint_are_clean():
     assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-2000:]
 
 
-def cpu_mode_vars(path):
-    """The extra vars that converge site.yml in CPU mode on the test hosts."""
-    path.write_text(yaml.safe_dump({
-        "gpu_enabled": False,
-        "models_local_paths": local.model_paths(MODELS),
-        "common_metrics_cidrs": ["10.213.0.0/24"],
-        "common_ssh_cidrs": ["10.213.0.0/24"],
-        "common_https_cidrs": ["10.213.0.0/24"],
-        "monitoring_grafana_enabled": False,  # Grafana's repository is out of reach here
-    }))
-    return path
+@pytest.fixture(scope="module")
+def deployed(test_hosts, tmp_path_factory):
+    """moto's server, a copy of the checkout, the test host dressed as a booted Ubuntu image,
+    then `make deploy` twice. Yields the workspace and both runs' output."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    h = test_hosts[0]
+    with sim.Emulator(tmp / "moto") as emulator:
+        ws = sim.Workspace(
+            root=tmp / "co", venv=BIN.parent, emulator=emulator, ssh_key=h.ssh_key,
+            addresses={HOST: h.address}, mirror=provider_mirror(), log_dir=tmp / "logs",
+            ansible_vars=sim.ansible_overrides(local.model_paths(MODELS)))
+        assert not (ws.root / "terraform" / "terraform.tfstate").exists()
+        sim.prepare_login(h, "ubuntu", (h.ssh_key.parent / f"{h.ssh_key.name}.pub").read_text())
+        extra = f"ANSIBLE_ARGS=-e @{ws.sim / 'ansible-overrides.yml'}"
+        first = ws.make("deploy", "CONFIRM=yes", extra)
+        second = ws.make("deploy", "CONFIRM=yes", extra)
+        yield {"ws": ws, "first": first.stdout, "second": second.stdout, "host": h}
+
+
+def test_make_deploy_ran_every_step_against_the_emulator(deployed):
+    ws, out = deployed["ws"], deployed["first"]
+    steps = re.findall(r"^>> \[(\d)/6\]", out, re.M)
+    assert steps == ["1", "2", "3", "4", "5", "6"], out[-3000:]
+    assert re.search(r"Apply complete! Resources: \d+ added, 0 changed, 0 destroyed", out)
+    assert f">> https://{deployed['host'].address}/ready answered 200" in out
+    assert recap(out)["failed"] == 0 and recap(out)["unreachable"] == 0
+    # what Terraform made, as AWS (moto) reports it: the production defaults
+    ec2 = ws.aws("ec2")
+    [inst] = [i for r in ec2.describe_instances(Filters=[
+        {"Name": "tag:Project", "Values": ["llm"]}])["Reservations"] for i in r["Instances"]]
+    assert inst["InstanceType"] == "g5.xlarge" and inst["ImageId"] == sim.UBUNTU_AMI["ami_id"]
+    assert inst["MetadataOptions"]["HttpTokens"] == "required"
+    assert inst["Monitoring"]["State"] == "disabled"  # the one Terraform override
+    volumes = [m["Ebs"]["VolumeId"] for m in inst["BlockDeviceMappings"]
+               if m["DeviceName"] == "/dev/sdf"]
+    assert len(volumes) == 1
+    # the inventory: Terraform's outputs, the test host's address in place of moto's
+    inv = yaml.safe_load((ws.root / INVENTORY).read_text())["all"]["children"]["gpu_hosts"]
+    hv = inv["hosts"][HOST]
+    assert hv["ansible_host"] == deployed["host"].address
+    assert hv["aws_instance_id"] == inst["InstanceId"] and hv["aws_instance_type"] == "g5.xlarge"
+    assert hv["models_volume_device"].endswith("vol" + volumes[0].removeprefix("vol-"))
+    assert inv["vars"]["ansible_user"] == "ubuntu"
+
+
+def terraform_changes(out: str) -> dict[str, list[str]]:
+    """{resource address: its changed attribute lines} of the plan Terraform printed."""
+    changes, current = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"^  # (\S+) (will be|must be) ", line):
+            current = changes.setdefault(m.group(1), [])
+        elif current is not None and re.match(r"^    }$", line):
+            current = None
+        elif current is not None and re.match(r"^\s+[-+~] (?!resource )", line):
+            current.append(line.strip())
+    return changes
+
+
+def test_second_make_deploy_changes_nothing_in_aws_or_on_the_host(deployed):
+    out = deployed["second"]
+    assert re.search(r"Apply complete! Resources: 0 added, \d+ changed, 0 destroyed", out), \
+        out[-3000:]
+    # the one emulator gap (simulated_aws.yml, emulator.rule_descriptions): moto forgets the
+    # description of a rule that references a security group, so Terraform sets it again
+    for address, lines in terraform_changes(out).items():
+        assert re.match(r"module\.security\.aws_vpc_security_group_(in|e)gress_rule\.", address), \
+            (address, lines)
+        assert all(x.startswith("+ description ") for x in lines), (address, lines)
+    changed = [x for x in out.splitlines() if x.startswith("changed:")]
+    assert recap(out)["changed"] == 0, "\n".join(changed)
+    assert recap(out)["failed"] == 0
 
 
 @pytest.fixture(scope="module")
-def converged(test_hosts, tmp_path_factory):
-    """Converge twice; the second run's recap is returned with the inventory."""
-    tmp = tmp_path_factory.mktemp("converge")
-    inventory = local.ROOT / ".local" / "testhosts" / "inventory.yml"
-    from tests.infra.hosts import ansible_inventory
-
-    ansible_inventory(test_hosts, inventory, groups={"gpu_hosts": ["gpu1"],
-                                                     "monitoring": ["gpu1"]})
-    extra = cpu_mode_vars(tmp / "cpu-mode.yml")
-    first = playbook(inventory, extra)
-    (tmp / "first.log").write_text(first.stdout + first.stderr)
-    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
-    second = playbook(inventory, extra)
-    (tmp / "second.log").write_text(second.stdout + second.stderr)
-    assert second.returncode == 0, second.stdout[-6000:]
-    return {"inventory": inventory, "recap": recap(second.stdout), "second": second.stdout,
-            "host": test_hosts[0]}
-
-
-def test_second_converge_changes_nothing(converged):
-    changed = [x for x in converged["second"].splitlines() if x.startswith("changed:")]
-    assert converged["recap"]["changed"] == 0, "\n".join(changed)
-    assert converged["recap"]["failed"] == 0
-
-
-@pytest.fixture(scope="module")
-def host(converged):
-    h = converged["host"]
+def host(deployed):
+    h = deployed["host"]
     return testinfra.get_host(
         f"ssh://{h.ssh_user}@{h.address}", ssh_identity_file=str(h.ssh_key),
         ssh_extra_args="-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
@@ -128,8 +165,8 @@ def test_file_owners_and_modes(host):
 
 
 @pytest.mark.parametrize("unit, threshold", [("gateway.service", 20), ("vllm@.service", 40)])
-def test_systemd_analyze_security_within_threshold(converged, unit, threshold):
-    h = converged["host"]
+def test_systemd_analyze_security_within_threshold(deployed, unit, threshold):
+    h = deployed["host"]
     path = f"/etc/systemd/system/{unit}"
     target = unit if "@" not in unit else f"vllm@{MODELS[0].name}.service"
     out = h.ssh(f"systemd-analyze security --offline=true --threshold={threshold} {path} "
@@ -143,8 +180,8 @@ def _key(h) -> str:
     return out.stdout.strip()
 
 
-def test_https_completion_from_the_controller_through_the_host(converged, tmp_path):
-    h = converged["host"]
+def test_https_completion_from_the_controller_through_the_host(deployed, tmp_path):
+    h = deployed["host"]
     ca = tmp_path / "host.crt"
     ca.write_text(h.ssh("cat /etc/nginx/tls/llm-api.crt", check=True).stdout)
     key = _key(h)
@@ -157,8 +194,8 @@ def test_https_completion_from_the_controller_through_the_host(converged, tmp_pa
     assert r.json()["usage"]["completion_tokens"] > 0
 
 
-def test_killed_engine_is_restarted_and_ready_recovers(converged):
-    h = converged["host"]
+def test_killed_engine_is_restarted_and_ready_recovers(deployed):
+    h = deployed["host"]
     name = MODELS[0].name
     before = h.ssh(f"systemctl show -p MainPID --value vllm@{name}.service").stdout.strip()
     h.ssh(f"systemctl kill -s KILL vllm@{name}.service", check=True)
@@ -179,8 +216,8 @@ def test_killed_engine_is_restarted_and_ready_recovers(converged):
 
 
 
-def test_prometheus_scrapes_the_host_and_loaded_the_alerts(converged):
-    h = converged["host"]
+def test_prometheus_scrapes_the_host_and_loaded_the_alerts(deployed):
+    h = deployed["host"]
     rules = json.loads(h.ssh("curl -s http://127.0.0.1:9090/api/v1/rules", check=True).stdout)
     alerts = {r["name"] for g in rules["data"]["groups"] for r in g["rules"]
               if r["type"] == "alerting"}
@@ -191,6 +228,55 @@ def test_prometheus_scrapes_the_host_and_loaded_the_alerts(converged):
                                check=True).stdout)["data"]["activeTargets"]
     jobs = {t["labels"]["job"] for t in targets}
     assert {"gateway", "vllm", "node"} <= jobs
+
+
+# ---- operations: make status, make stop / make start, make destroy
+
+
+def _status_row(out: str) -> list[str]:
+    return next(line.split() for line in out.splitlines() if line.startswith(HOST))
+
+
+def test_make_status_shows_the_instance_units_and_ready(deployed):
+    ws, h = deployed["ws"], deployed["host"]
+    out = ws.make("status").stdout
+    row = _status_row(out)
+    assert row[1:5] == [ws.instance_id(), "running", h.address, "200"], out
+    units = dict(u.split("=", 1) for u in row[5:])
+    for unit in ["nginx", "gateway", "prometheus-node-exporter",
+                 *[f"vllm@{m.name}" for m in MODELS]]:
+        assert units.get(unit) == "active/running", (unit, out)
+    assert f"endpoint: https://{h.address}" in out
+
+
+def test_make_stop_and_start_drive_the_instance_and_ssh_comes_back(deployed):
+    """EC2's side against moto: the instance found by its tags, stopped and started, the waiters
+    satisfied; `make status` asks no host while it is stopped. The guest's side of a stop and
+    start (a shutdown, a cold boot, the engines back in order) is the reboot test below."""
+    ws, h = deployed["ws"], deployed["host"]
+    assert ">> stopped" in ws.make("stop").stdout
+    assert ws.instance_state() == "stopped"
+    row = _status_row(ws.make("status").stdout)
+    assert row[2:] == ["stopped", h.address, "-", "-"], row
+    assert ">> running" in ws.make("start").stdout
+    assert ws.instance_state() == "running"
+    assert f"{HOST} ({h.address}): status: done" in ws.make("wait-ssh").stdout
+    assert _status_row(ws.make("status").stdout)[4] == "200"
+
+
+def test_make_destroy_removes_the_deployment(deployed):
+    ws = deployed["ws"]
+    out = ws.make("destroy", "CONFIRM=yes").stdout
+    assert re.search(r"Destroy complete! Resources: \d+ destroyed", out), out[-2000:]
+    assert ws.instance_state() == "terminated"
+    ec2 = ws.aws("ec2")
+    vpcs = ec2.describe_vpcs(Filters=[{"Name": "tag:Project", "Values": ["llm"]}])["Vpcs"]
+    assert vpcs == []
+    assert ec2.describe_addresses()["Addresses"] == []
+    for left in (INVENTORY, ".local/aws_known_hosts", ".local/grafana-admin-password"):
+        assert not (ws.root / left).exists(), left
+    # and the tools say so in one line
+    assert "no GPU hosts tagged Project=llm" in ws.make("status").stdout
 
 
 # ---- reboot: the engines come back one after another, in the declaration's order
@@ -217,8 +303,8 @@ def _times(h, unit: str) -> dict[str, int]:
     return {k: int(v or 0) for k, v in values.items()}
 
 
-def test_engines_come_back_one_after_another_after_a_reboot(converged, test_hosts):
-    """Last in this module: it reboots the converged host (systemctl reboot inside it; the
+def test_engines_come_back_one_after_another_after_a_reboot(deployed, test_hosts):
+    """Last in this module: it reboots the deployed host (systemctl reboot inside it; the
     harness boots the same tree again, as a hypervisor would)."""
     engines = test_hosts[0]
     before = _boot_id(engines)

@@ -44,7 +44,8 @@ def paths(tmp_path, monkeypatch):
     monkeypatch.setattr(aws_ops, "GRAFANA_PASSWORD", tmp_path / "local" / "grafana-admin-password")
     # no credentials from the machine running the tests, and no metadata-service probe
     for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY"):
+                "AWS_REGION", "AWS_DEFAULT_REGION", "TF_VAR_region", "TF_VAR_name", "SSH_KEY",
+                "AWS_ENDPOINT_URL", aws_ops.SIM_ADDRESSES_ENV):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
@@ -223,6 +224,66 @@ def _terraform_says(paths, outputs: dict) -> None:
         EOF
         ;; *) exit 1 ;; esac
         """)
+
+
+# ---- test only: the simulated deploy's address map (tests/infra/simulated_aws.py) ------------
+
+
+def _simulating(paths, monkeypatch, tmp_path, mapping) -> None:
+    _terraform_says(paths, TF_OUTPUTS)
+    path = tmp_path / "addresses.yml"
+    path.write_text(yaml.safe_dump(mapping) if not isinstance(mapping, str) else mapping)
+    monkeypatch.setenv(aws_ops.SIM_ADDRESSES_ENV, str(path))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the emulator's
+
+
+def test_simulation_points_ssh_and_the_endpoint_at_the_test_host(paths, monkeypatch, tmp_path,
+                                                                 capsys):
+    _simulating(paths, monkeypatch, tmp_path, {"llm-gpu-0": "10.213.0.11"})
+    assert paths.run("inventory") == 0
+    assert "SIMULATION" in capsys.readouterr().out
+    group = yaml.safe_load(paths.out.read_text())["all"]["children"]["gpu_hosts"]
+    host = group["hosts"]["llm-gpu-0"]
+    assert host["ansible_host"] == "10.213.0.11"
+    # what Terraform said stays as it said it; only where the tools connect moves
+    assert host["aws_public_dns"] == "ec2-198-51-100-10.compute-1.amazonaws.com"
+    assert host["aws_instance_id"] == "i-0123456789abcdef0"
+    assert group["vars"]["api_endpoint"] == "https://10.213.0.11"
+    assert paths.run("endpoint") == 0
+    assert capsys.readouterr().out.split() == ["https://10.213.0.11"]
+    argv = aws_ops.ssh_argv(aws_ops.read_inventory(paths.out),
+                            aws_ops.read_inventory(paths.out).hosts[0], None)
+    assert argv[-1] == "ubuntu@10.213.0.11"
+
+
+@pytest.mark.parametrize("mapping, says", [
+    ({"llm-gpu-9": "10.213.0.11"}, "has no address for llm-gpu-0"),
+    ({"llm-gpu-0": "ec2-198-51-100-10.compute-1.amazonaws.com"}, "is not an IP address"),
+    ("[10.213.0.11]", "want a YAML mapping of host name to address"),
+], ids=["host-missing", "not-an-address", "not-a-mapping"])
+def test_a_bad_simulation_map_is_one_clear_line(paths, monkeypatch, tmp_path, capsys, mapping,
+                                                says):
+    _simulating(paths, monkeypatch, tmp_path, mapping)
+    assert paths.run("inventory") == 2
+    assert says in one_error_line(capsys.readouterr())
+    assert not paths.out.exists()
+
+
+def test_a_missing_simulation_map_is_one_clear_line(paths, monkeypatch, tmp_path, capsys):
+    _terraform_says(paths, TF_OUTPUTS)
+    monkeypatch.setenv(aws_ops.SIM_ADDRESSES_ENV, str(tmp_path / "nothing.yml"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert paths.run("inventory") == 2
+    assert "unset it for a real one" in one_error_line(capsys.readouterr())
+
+
+def test_the_simulation_map_is_refused_against_real_aws(paths, monkeypatch, tmp_path, capsys):
+    _simulating(paths, monkeypatch, tmp_path, {"llm-gpu-0": "10.213.0.11"})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert paths.run("inventory") == 2
+    assert "for the simulated deploy against an AWS emulator only" in one_error_line(
+        capsys.readouterr())
+    assert not paths.out.exists()
 
 
 MODELS_ROLE_OPTIONS = yaml.safe_load(

@@ -126,7 +126,7 @@ resource "aws_instance" "this" {
   vpc_security_group_ids = var.security_group_ids
   key_name               = aws_key_pair.this.key_name
   iam_instance_profile   = aws_iam_instance_profile.this.name
-  monitoring             = true # one-minute CloudWatch metrics: GPU hosts are expensive to watch blind
+  monitoring             = var.detailed_monitoring
   ebs_optimized          = true
 
   metadata_options {

@@ -167,3 +167,9 @@ variable "letsencrypt_zone_id" {
     error_message = "letsencrypt_zone_id must be a Route53 hosted zone ID such as Z0123456789ABCDEFGHIJ when letsencrypt_domain is set, and null when it is not."
   }
 }
+
+variable "detailed_monitoring" {
+  type        = bool
+  description = "One-minute CloudWatch metrics for the hosts (EC2 detailed monitoring)."
+  default     = true
+}
