@@ -230,6 +230,25 @@ def test_prometheus_scrapes_the_host_and_loaded_the_alerts(deployed):
     assert {"gateway", "vllm", "node"} <= jobs
 
 
+def test_alerts_go_to_the_deployments_topic_through_alertmanager_on_loopback(deployed, host):
+    am = host.service("prometheus-alertmanager")
+    assert am.is_running and am.is_enabled
+    listening = host.socket.get_listening_sockets()
+    assert [s for s in listening if s.endswith(":9093")] == ["tcp://127.0.0.1:9093"]
+    assert not [s for s in listening if s.endswith(":9094")]  # its cluster port stays shut
+    cfg = host.file("/etc/prometheus/alertmanager.yml")
+    assert (cfg.user, cfg.group, cfg.mode) == ("root", "prometheus", 0o640)
+    # make deploy's inventory chose SNS and the topic Terraform made (in the emulator)
+    [arn] = [t["TopicArn"] for t in deployed["ws"].aws("sns").list_topics()["Topics"]]
+    doc = yaml.safe_load(cfg.content_string)
+    assert doc["route"]["receiver"] == "sns"
+    [sns] = [r["sns_configs"][0] for r in doc["receivers"] if r["name"] == "sns"]
+    assert sns["topic_arn"] == arn and "access_key" not in sns.get("sigv4", {})
+    found = deployed["host"].ssh("curl -s http://127.0.0.1:9090/api/v1/alertmanagers",
+                                 check=True).stdout
+    assert "http://127.0.0.1:9093/api/v2/alerts" in found
+
+
 # ---- operations: make status, make stop / make start, make destroy
 
 
