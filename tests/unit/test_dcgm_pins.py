@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
+
+from tests.support.ansible_eval import render, trusted
 
 ROLE = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "dcgm_exporter"
 # What NVIDIA's repository calls a DCGM 4 release: epoch 1 (e.g. datacenter-gpu-manager-4-core
@@ -19,14 +19,6 @@ ROLE = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "dcgm_exporte
 REPO_VERSION = "1:4.5.3-1"
 
 
-def _trusted(value):
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, list):
-        return [_trusted(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _trusted(v) for k, v in value.items()}
-    return value
 
 
 def apt_names(**overrides) -> list[str]:
@@ -37,8 +29,7 @@ def apt_names(**overrides) -> list[str]:
     values.update(gpu_enabled=True, dcgm_exporter_cuda_major=13, **overrides)
     tasks = yaml.safe_load((ROLE / "tasks" / "install.yml").read_text())
     apt = next(t["ansible.builtin.apt"] for t in tasks if "ansible.builtin.apt" in t)
-    templar = Templar(loader=DataLoader(), variables=_trusted(values))
-    return templar.template(trust_as_template(apt["name"]))
+    return render(apt["name"], trusted(values))
 
 
 def pins(names: list[str]) -> dict[str, str]:

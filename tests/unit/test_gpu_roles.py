@@ -13,12 +13,11 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
+
+from tests.support.ansible_eval import role_value
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ROOT / "ansible" / "roles"
@@ -35,28 +34,6 @@ Attached GPUs                             : 1
 GPU 00000000:00:1E.0
     Product Name                          : NVIDIA A10G
 """
-
-
-def _trust(value: Any) -> Any:
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, list):
-        return [_trust(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _trust(v) for k, v in value.items()}
-    return value
-
-
-def role_value(role: str, expr: str, **host: Any) -> Any:
-    """Evaluate `expr` the way a task of `role` would, on a host with these facts/results."""
-    variables: dict[str, Any] = {}
-    for part in ("defaults", "vars"):
-        path = ROLES / role / part / "main.yml"
-        if path.exists():
-            variables.update(yaml.safe_load(path.read_text()) or {})
-    variables = _trust(variables)
-    variables.update(host)
-    return Templar(loader=DataLoader(), variables=variables).template(trust_as_template(expr))
 
 
 UBUNTU_AWS = {"kernel": "6.8.0-1021-aws", "distribution_version": "24.04",

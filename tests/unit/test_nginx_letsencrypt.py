@@ -20,8 +20,8 @@ from typing import Any
 import jinja2
 import pytest
 import yaml
-from ansible.parsing.dataloader import DataLoader
-from ansible.template import Templar, trust_as_template
+
+from tests.support import ansible_eval
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "nginx"
@@ -31,26 +31,9 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's python3, where its certbot packag
 LE = {"nginx_letsencrypt_domain": "api.example.com", "nginx_letsencrypt_email": "ops@example.com"}
 
 
-def _trust(value: Any) -> Any:
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, list):
-        return [_trust(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _trust(v) for k, v in value.items()}
-    return value
-
-
 def role_value(expr: str, **host: Any) -> Any:
     """`expr` as a task of the nginx role sees it, on a host with these variables."""
-    variables: dict[str, Any] = {}
-    for part in ("defaults", "vars"):
-        path = ROLE / part / "main.yml"
-        if path.exists():
-            variables.update(yaml.safe_load(path.read_text()) or {})
-    variables = _trust(variables)
-    variables.update(host)
-    return Templar(loader=DataLoader(), variables=variables).template(trust_as_template(expr))
+    return ansible_eval.role_value("nginx", expr, **host)
 
 
 def tasks(name: str) -> list[dict]:

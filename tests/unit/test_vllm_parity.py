@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 
 from stack import declaration, gpu_planner, vllm_lock
 from stack.render import parse_env_file, parse_unit_file, render, resolve, role_defaults
+from tests.support.ansible_eval import trusted
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLE = ROOT / "ansible" / "roles" / "vllm"
@@ -175,14 +176,6 @@ def test_the_difference_check_sees_an_undocumented_change():
 # --------------------------------------------------------------------------- placement
 
 
-def _trusted(value):
-    if isinstance(value, str):
-        return trust_as_template(value)
-    if isinstance(value, dict):
-        return {k: _trusted(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_trusted(v) for v in value]
-    return value
 
 
 def env_task_values(gpu: bool, model: declaration.ModelSpec, vllm_plan: dict) -> dict:
@@ -191,7 +184,7 @@ def env_task_values(gpu: bool, model: declaration.ModelSpec, vllm_plan: dict) ->
     tasks = yaml.safe_load((ROLE / "tasks" / "configure.yml").read_text())
     (task,) = [t for t in tasks if "vllm.env.j2" in str(t.get("ansible.builtin.template"))]
     internals = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
-    variables = _trusted({**role_defaults("vllm"), **internals, **task["vars"]})
+    variables = trusted({**role_defaults("vllm"), **internals, **task["vars"]})
     variables.update(vllm_gpu_enabled=gpu, vllm_instance=model.model_dump(), vllm_plan=vllm_plan)
     templar = Templar(loader=DataLoader(), variables=variables)
     return {k: templar.template(trust_as_template(v)) for k, v in task["vars"].items()
