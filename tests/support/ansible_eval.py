@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 from ansible.parsing.dataloader import DataLoader
 from ansible.template import Templar, trust_as_template
 
-ROLES = Path(__file__).resolve().parents[2] / "ansible" / "roles"
+from stack.render import ROLES
 
 
 def trusted(value: Any) -> Any:
