@@ -188,3 +188,32 @@ def test_redis_that_lost_its_scripts_is_served_after_one_reload(redis_server):
     assert first.allowed and not first.unavailable
     assert [d.allowed for d in batch].count(True) == 4  # the budget still counts, exactly
     assert not any(d.unavailable for d in batch)
+
+
+def test_a_settlement_reaches_redis_by_itself_and_at_close(redis_server):
+    """finish() does not wait for Redis: its call rides with the next pipeline or goes alone
+    shortly after. With no other traffic it must still arrive, and close() must send what waits."""
+    import redis
+
+    store = redis.Redis.from_url(redis_server)
+
+    async def go():
+        lim = RedisLimiter(redis_server, 60, 60, fail_open=False, timeout_s=5.0)
+        b = budget()
+        inflight = RedisLimiter._keys(b.key_id)[3]
+        r1, r2 = rid(), rid()
+        await lim.acquire(b, r1, 1)
+        await lim.acquire(b, r2, 1)
+        await lim.finish(b, r1, 1)
+        for _ in range(500):  # alone: sent within the settle delay, waited for up to 5 s
+            if store.zscore(inflight, r1) is None:
+                break
+            await asyncio.sleep(0.01)
+        alone = store.zscore(inflight, r1)
+        await lim.finish(b, r2, 1)
+        await lim.close()
+        return alone, store.zscore(inflight, r2)
+
+    alone, at_close = asyncio.run(go())
+    assert alone is None, "a settlement with no traffic after it never reached Redis"
+    assert at_close is None, "close() dropped a settlement that was waiting to be sent"
