@@ -15,7 +15,9 @@ cores, as they would on one host; compare rows of one run, never figures of diff
    their admissions queue on one core, and the first-token p99 shows how long.
 
 Rows: direct to the stand-in, a bare aiohttp proxy (tests/bench/bare_proxy.py: the Python
-floor), the gateway with in-process limits, and the gateway with Redis limits. Every gateway
+floor), the gateway with in-process limits, and the gateway with Redis limits; the paced
+table adds a TCP splice (tests/bench/splice_proxy.py: the event loop's own floor, no HTTP at
+all), so the gateway's share of a core reads against what any Python proxy spends. Every gateway
 feature stays on: auth, limits, metrics, the log line, usage accounting. The targets of the
 hot-path issue are printed beside the ratios; this is a report, not a test.
 """
@@ -242,17 +244,17 @@ def report(rows: list[Target], paced: list[Target]) -> None:
     for label, k, f in lines:
         print(cols.format(label, *(format(t.results[k], f) if k != "cpu_ms_per_req" or t.pid
                                    else "-" for t in rows)))
-    pd, pg = paced
+    pd, pg = paced[0], paced[-1]
     print()
-    pcols = "{:<36}{:>14}{:>14}"
-    print(pcols.format("paced streams (A10G-like)", pd.name, pg.name))
+    pcols = "{:<40}" + "{:>14}" * len(paced)
+    print(pcols.format("paced streams (A10G-like)", *(t.name for t in paced)))
     for label, k, f in [("inter-token latency p99 (ms)", "paced_itl_p99", ".2f"),
                         ("time to first token p99 (ms)", "paced_ttft_p99", ".2f"),
-                        ("gateway CPU (share of one core)", "paced_cpu_share", ".3f"),
+                        ("proxy CPU (share of one core)", "paced_cpu_share", ".3f"),
                         ("burst of all at once: first token p99", "burst_ttft_p99", ".2f"),
                         ("errors", "errors", "d")]:
-        print(pcols.format(label, "-" if k == "paced_cpu_share" else format(pd.results[k], f),
-                           format(pg.results[k], f)))
+        print(pcols.format(label, *("-" if k == "paced_cpu_share" and not t.pid
+                                    else format(t.results[k], f) for t in paced)))
 
     g, b, rd = gw.results, bare.results, redis.results
     checks = [
@@ -273,6 +275,9 @@ def report(rows: list[Target], paced: list[Target]) -> None:
          pg.results["paced_ttft_p99"] - pd.results["paced_ttft_p99"], "<=", 2.0),
         ("paced: gateway CPU, share of a core", pg.results["paced_cpu_share"], "<=", 0.25),
     ]
+    splice_cpu, bare_cpu, gw_cpu = (t.results["paced_cpu_share"] for t in paced[1:])
+    print(f"\npaced: the gateway's CPU is {gw_cpu / bare_cpu:.2f}x the bare proxy's and "
+          f"{gw_cpu / splice_cpu:.2f}x the TCP splice's")
     print()
     print("{:<42}{:>10}{:>12}  {}".format("target (hot-path issue)", "measured", "target", ""))
     for label, value, op, bound in checks:
@@ -342,7 +347,18 @@ def main() -> int:
         keys = {"gateway": gw.keys["bench"], "gw + Redis": gw_redis.keys["bench"]}
         for t in rows:
             measure(t, keys.get(t.name, "unused"), args, work)
-        paced_rows = [Target("direct", paced, None), Target("gateway", gw.url, gw.proc.pid)]
+        paced_port = paced.rsplit(":", 1)[1]
+        bare_paced_port, splice_port = free_port(), free_port()
+        bare_paced = start("bare-proxy-paced", [
+            PYTHON, "-m", "tests.bench.bare_proxy", "--port", str(bare_paced_port),
+            "--backend", paced], f"http://127.0.0.1:{bare_paced_port}/health")
+        splice = start("splice", [PYTHON, "-m", "tests.bench.splice_proxy", "--port",
+                                  str(splice_port), "--backend-port", paced_port],
+                       f"http://127.0.0.1:{splice_port}/health")
+        paced_rows = [Target("direct", paced, None),
+                      Target("TCP splice", f"http://127.0.0.1:{splice_port}", splice.pid),
+                      Target("bare proxy", f"http://127.0.0.1:{bare_paced_port}", bare_paced.pid),
+                      Target("gateway", gw.url, gw.proc.pid)]
         for t in paced_rows:
             t.results["errors"] = 0
             measure_paced(t, keys.get(t.name, "unused"), args)
