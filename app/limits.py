@@ -54,9 +54,10 @@ class Limiter(Protocol):
 
     async def acquire(self, budget: Budget, req_id: str, tokens: int) -> Decision: ...
 
-    async def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
+    def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
         """Release the concurrency slot; settle the reservation to `tokens`, or refund all
-        of it (request and tokens) when `tokens` is None."""
+        of it (request and tokens) when `tokens` is None. It never waits, so a request's
+        bookkeeping cannot be cut short by its cancellation (no shield needed)."""
 
     async def close(self) -> None: ...
 
@@ -147,7 +148,7 @@ class MemoryLimiter:
                 return ts + self.window_s
         return self.clock() + self.window_s
 
-    async def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
+    def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
         w = self._keys.get(budget.key_id)
         if w is None:
             return
@@ -395,7 +396,7 @@ class RedisLimiter:
             return Decision(False, _REFUSED_BY[code], max(float(retry), 0.001), headers)
         return Decision(True, headers=headers)
 
-    async def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
+    def finish(self, budget: Budget, req_id: str, tokens: int | None) -> None:
         self._batch.later(_FINISH, self._keys(budget.key_id),
                           [req_id, -1 if tokens is None else tokens])
 

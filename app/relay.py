@@ -10,7 +10,6 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 import aiohttp
-import anyio
 import orjson
 
 from app.errors import error_body
@@ -78,9 +77,8 @@ class RelayResponse:
         finally:
             state["sent"] = True
             watcher.cancel()
-            with anyio.CancelScope(shield=True):
-                await events.aclose()
-                await self.relay.close()
+            await events.aclose()  # neither suspends: a second cancel cannot cut them short
+            self.relay.close()
 
 
 class _Broken(Exception):
@@ -102,7 +100,7 @@ class SseRelay:
         self.closed = False
         ex.gw.streams.add(resp)  # so the drain deadline can end it with an error event
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -112,7 +110,7 @@ class SseRelay:
             self.resp.close()
         if self.ex.completion_tokens is None:
             self.ex.completion_tokens = self.ex.chunks  # vLLM streams about a token a chunk
-        await self.ex.finish()
+        self.ex.finish()
 
     def _event(self, event: bytes) -> bytes | None:
         """One event, without its blank line: returned as is (the same object) when it passes
@@ -196,5 +194,4 @@ class SseRelay:
             ex.status, ex.error = CLIENT_CLOSED, "client_closed"
             raise
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.close()
+            self.close()

@@ -12,7 +12,6 @@ import secrets
 import time
 from time import perf_counter
 
-import anyio
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -106,7 +105,7 @@ class Exchange:
             return self.reservation
         return None
 
-    async def finish(self) -> None:
+    def finish(self) -> None:
         if self.finished:
             return
         self.finished = True
@@ -116,7 +115,7 @@ class Exchange:
         if self.reserved:
             self.backend.leave()
             m.of(m.in_flight, self.model).dec()
-            await gw.limiter.finish(self.budget, self.rid, self.settlement())
+            gw.limiter.finish(self.budget, self.rid, self.settlement())
         if self.endpoint != "models":
             m.of(m.requests, self.model, key_name, str(self.status)).inc()
             if self.backend is not None:
@@ -171,14 +170,14 @@ async def list_models(request: Request) -> Response:
         ex.key = authenticate(gw, request)
     except ApiError as e:
         resp = ex.fail(e)
-        await ex.finish()
+        ex.finish()
         return resp
     data = [{"id": m.name, "object": "model", "created": _STARTED, "owned_by": "llm-gateway"}
             for m in gw.config.models if ex.key.allows(m.name)]
     ex.status = 200
     resp = Response(orjson.dumps({"object": "list", "data": data}),
                     media_type="application/json", headers=ex.headers())
-    await ex.finish()
+    ex.finish()
     return resp
 
 
@@ -202,8 +201,7 @@ async def proxy(request: Request, endpoint: str) -> Response:
                                 "api_error", "internal_error"))
     finally:
         if not isinstance(resp, RelayResponse):  # a relay does its bookkeeping at its end
-            with anyio.CancelScope(shield=True):
-                await ex.finish()
+            ex.finish()
     return resp
 
 
@@ -300,8 +298,7 @@ async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
     decision = await _limiter_call(gw, gw.limiter.acquire(ex.budget, ex.rid, wanted))
     _refuse_if_limited(gw, ex, decision)
     if not backend.enter():  # checked and counted in one step: no await in between
-        with anyio.CancelScope(shield=True):
-            await gw.limiter.finish(ex.budget, ex.rid, None)
+        gw.limiter.finish(ex.budget, ex.rid, None)
         raise ApiError(503, f"model '{ex.model}' is at capacity; retry shortly",
                        "service_unavailable", "model_at_capacity", headers={"retry-after": "1"})
     ex.reserved, ex.reservation = True, wanted

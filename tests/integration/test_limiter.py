@@ -84,9 +84,9 @@ def test_refunded_request_consumes_nothing_and_settle_uses_real_tokens(make):
         b = budget(rpm=2, tpm=100)
         a1 = await lim.acquire(b, (r1 := rid()), 60)
         refused = await lim.acquire(b, rid(), 60)  # 60 + 60 > 100
-        await lim.finish(b, r1, 10)  # used 10, not 60
+        lim.finish(b, r1, 10)  # used 10, not 60
         a2 = await lim.acquire(b, (r2 := rid()), 60)
-        await lim.finish(b, r2, None)  # backend failed: refund
+        lim.finish(b, r2, None)  # backend failed: refund
         a3 = await lim.acquire(b, rid(), 60)
         a4 = await lim.acquire(b, rid(), 1)  # requests: r1 and a3 counted, 2 of 2
         await lim.close()
@@ -107,7 +107,7 @@ def test_concurrency_slot_is_released_by_finish(make):
         r1, r2 = rid(), rid()
         held = [await lim.acquire(b, r, 1) for r in (r1, r2)]
         over = await lim.acquire(b, rid(), 1)
-        await lim.finish(b, r1, 1)
+        lim.finish(b, r1, 1)
         again = await lim.acquire(b, rid(), 1)
         await lim.close()
         return held, over, again
@@ -204,13 +204,13 @@ def test_a_settlement_reaches_redis_by_itself_and_at_close(redis_server):
         r1, r2 = rid(), rid()
         await lim.acquire(b, r1, 1)
         await lim.acquire(b, r2, 1)
-        await lim.finish(b, r1, 1)
+        lim.finish(b, r1, 1)
         for _ in range(500):  # alone: sent within the settle delay, waited for up to 5 s
             if store.zscore(inflight, r1) is None:
                 break
             await asyncio.sleep(0.01)
         alone = store.zscore(inflight, r1)
-        await lim.finish(b, r2, 1)
+        lim.finish(b, r2, 1)
         await lim.close()
         return alone, store.zscore(inflight, r2)
 
