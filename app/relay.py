@@ -147,12 +147,18 @@ class SseRelay:
             buf += tail
         out, end = b"", buf.rfind(b"\n\n")
         if end >= 0:
-            events = buf[:end].split(b"\n\n")
-            kept = [self._event(e) for e in events]
-            if all(k is e for k, e in zip(kept, events, strict=True)):
-                out = buf[: end + 2]
+            out = buf[: end + 2]
+            if self.rename is None and b'"usage"' not in out:
+                # the usual read passes whole: count its events without splitting it (an
+                # event starts the read or follows a blank line; JSON holds no raw newline)
+                self.ex.chunks += out.startswith(b"data: {") + out.count(b"\n\ndata: {")
+                self.done = self.done or out.startswith(b"data: [DONE]") or \
+                    b"\n\ndata: [DONE]" in out
             else:
-                out = b"".join(k + b"\n\n" for k in kept if k is not None)
+                events = buf[:end].split(b"\n\n")
+                kept = [self._event(e) for e in events]
+                if not all(k is e for k, e in zip(kept, events, strict=True)):
+                    out = b"".join(k + b"\n\n" for k in kept if k is not None)
             buf = buf[end + 2:]
         if len(buf) > MAX_EVENT_BYTES:
             raise _Broken(502, "backend_stream_broken",

@@ -180,3 +180,30 @@ def test_an_event_that_never_ends_is_refused_past_its_cap():
     r._split(b"data: " + b"x" * (MAX_EVENT_BYTES - 10))
     with pytest.raises(_Broken):
         r._split(b"data: " + b"x" * (MAX_EVENT_BYTES + 1))
+
+
+@pytest.mark.parametrize("stream", [
+    b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\ndata: [DONE]\n\n',
+    # text that looks like the protocol: neither an event nor the end
+    b'data: {"choices":[{"text":"data: {x\\n\\ndata: [DONE]"}]}\n\ndata: [DONE]\n\n',
+    # cut off before its end, though its text quotes the end
+    b'data: {"choices":[{"text":"data: [DONE]"}]}\n\ndata: {"choices":[]}\n\n',
+    # extra blank lines, a comment and a multi-line event
+    b': keep-alive\n\n\n\ndata: {"a":1}\n\ndata: {"b":\ndata: 2}\n\ndata: [DONE]\n\n',
+])
+@pytest.mark.parametrize("cut", [1, 7, 16, 1000])
+def test_whole_reads_count_events_and_the_end_as_event_by_event_does(stream, cut):
+    """The fast path (a read without usage passes whole) must count what the per-event path
+    counts: chunks with a body, and [DONE] only as an event of its own."""
+    fast, slow = relay(), relay()
+    slow.rename = (b"\x00never", b"\x00never")  # forces the per-event path, changes nothing
+    outs = {}
+    for r in (fast, slow):
+        out, buf = b"", b""
+        for i in range(0, len(stream), cut):
+            piece, buf = r._split(buf + stream[i:i + cut])
+            out += piece
+        outs[r] = out + buf
+    assert outs[fast] == outs[slow] == stream
+    assert fast.ex.chunks == slow.ex.chunks and fast.done == slow.done
+    assert fast.done == stream.endswith(b"data: [DONE]\n\n")
