@@ -14,28 +14,16 @@ data "aws_caller_identity" "current" {}
 
 # ---- the AUTH token --------------------------------------------------------------------------
 
-# Terraform's own uuid() (a version 4 UUID from Go's crypto/rand: 122 random bits) instead of
-# hashicorp/random, so the configuration keeps needing one provider only. Two of them without
-# their dashes are 64 hex characters, 244 random bits, within ElastiCache's rule for tokens
-# (16 to 128 printable characters, no @, " or /). uuid() is new on every plan, so the first
-# value is kept (ignore_changes). Rotate with
-# `terraform apply -replace=module.cache[0].terraform_data.auth_token`: the parameter changes and
-# ElastiCache accepts the old and the new token (ROTATE) until the next token is set.
-resource "terraform_data" "auth_token" {
-  input = sensitive(replace("${uuid()}${uuid()}", "-", ""))
-
-  lifecycle {
-    ignore_changes = [input]
-  }
-}
-
+# The cache keeps the token it was created with (see the replication group); the parameter
+# mirrors it from there, so both are attributes the provider marks sensitive and no plan or
+# `terraform show` prints it.
 resource "aws_ssm_parameter" "auth_token" {
   #checkov:skip=CKV_AWS_337:encrypted with the AWS-managed aws/ssm key; the hosts' role may decrypt through SSM for this one parameter only (kms:ViaService and the PARAMETER_ARN encryption context), which a customer key's policy would only repeat
 
   name        = "/${var.name}/gateway/redis-auth-token"
   description = "AUTH token of the ${var.name} rate-limit cache (ElastiCache for Valkey); the GPU hosts' role reads it"
   type        = "SecureString"
-  value       = terraform_data.auth_token.output
+  value       = aws_elasticache_replication_group.this.auth_token
 }
 
 # ---- network ---------------------------------------------------------------------------------
@@ -83,8 +71,6 @@ resource "aws_vpc_security_group_egress_rule" "hosts_to_cache" {
 
 resource "aws_elasticache_replication_group" "this" {
   #checkov:skip=CKV_AWS_191:encrypted at rest with ElastiCache's AWS-owned key; it holds only rate-limit counters that expire within the limit window, and a customer key would add cost and a key policy to run
-  #checkov:skip=CKV_AWS_134:no snapshots on purpose: the counters are worthless after their window, so a restored copy would only hold stale budgets
-  #checkov:skip=CKV2_AWS_50:Multi-AZ automatic failover is on whenever more than one node is asked for (cache_node_count); a single node has no replica to promote
 
   replication_group_id = "${var.name}-limits"
   description          = "Per-key rate-limit budgets shared by the ${var.name} gateways"
@@ -100,15 +86,27 @@ resource "aws_elasticache_replication_group" "this" {
   at_rest_encryption_enabled = true
   transit_encryption_enabled = true
   # clients without TLS are refused, not merely allowed to upgrade
-  transit_encryption_mode    = "required"
-  auth_token                 = terraform_data.auth_token.output
-  auth_token_update_strategy = "ROTATE"
+  transit_encryption_mode = "required"
+
+  # Terraform's own uuid() (a version 4 UUID from Go's crypto/rand: 122 random bits) instead
+  # of hashicorp/random, so the configuration keeps needing one provider only: two of them
+  # without their dashes are 64 hex characters, 244 random bits, within ElastiCache's rule
+  # (16 to 128 printable characters, no @, " or /). uuid() is new on every plan, so the value
+  # the cache was created with is kept (ignore_changes below). A new token comes with a new
+  # cache: `terraform apply -replace=module.cache[0].aws_elasticache_replication_group.this`
+  # (the parameter follows; until the new cache answers, the gateways apply their
+  # on_redis_error policy, and the counters start empty).
+  auth_token = replace("${uuid()}${uuid()}", "-", "")
 
   automatic_failover_enabled = local.replicated
   multi_az_enabled           = local.replicated
 
   snapshot_retention_limit   = 0
   auto_minor_version_upgrade = true
+
+  lifecycle {
+    ignore_changes = [auth_token]
+  }
 }
 
 # ---- who may read the token ------------------------------------------------------------------

@@ -59,6 +59,8 @@ resource "aws_subnet" "private" {
   vpc_id            = aws_vpc.this.id
   availability_zone = var.availability_zones[count.index]
   cidr_block        = cidrsubnet(var.vpc_cidr, 24 - tonumber(split("/", var.vpc_cidr)[1]), length(var.availability_zones) + count.index)
+  # nothing placed here is meant to be reached from outside the VPC
+  map_public_ip_on_launch = false
 
   tags = { Name = "${var.name}-private-${var.availability_zones[count.index]}" }
 }
