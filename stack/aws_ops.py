@@ -71,6 +71,11 @@ DEFAULT_NAME = "llm"  # keep in step with terraform/variables.tf
 DEFAULT_REGION = "us-east-1"
 DEFAULT_INSTANCE_TYPE = "g5.xlarge"
 HOST_ROLE = "gpu-host"
+# names terraform/modules/cache gives the shared rate-limit cache and its token's parameter
+# (keep in step with it): how `make inventory` finds them without the Terraform state
+CACHE_GROUP_ID = "{name}-limits"
+CACHE_SUBNET_GROUP = "{name}-cache"
+CACHE_TOKEN_PARAMETER = "/{name}/gateway/redis-auth-token"
 # the units `make status` shows; Debian/Ubuntu's node exporter unit is named after its package
 # (the node_exporter role installs prometheus-node-exporter)
 UNITS = ["nginx.service", "gateway.service", "vllm@*.service",
@@ -126,6 +131,14 @@ class Deployment:
     # a single host with domain_name: nginx gets a Let's Encrypt certificate for it (DNS-01)
     letsencrypt_domain: str | None = None
     letsencrypt_email: str | None = None
+    # the VPC's range: behind the load balancer nginx trusts X-Forwarded-For from it alone
+    vpc_cidr: str | None = None
+    # the shared rate-limit cache (several hosts): where it answers (TLS), the SSM parameter
+    # holding its AUTH token (a name, never the token), the subnets its nodes sit in
+    cache_endpoint: str | None = None
+    cache_port: int | None = None
+    cache_auth_token_ssm_parameter: str | None = None
+    cache_subnet_cidrs: tuple[str, ...] = ()
 
 
 # ---- test only: the simulated deploy's host addresses --------------------------------------------
@@ -422,6 +435,10 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             api_tls=value.get("api_tls"), letsencrypt_domain=value.get("letsencrypt_domain"),
             letsencrypt_email=value.get("letsencrypt_email"),
             alert_topic_arn=value.get("alert_topic_arn"),
+            vpc_cidr=value.get("vpc_cidr"),
+            cache_endpoint=value.get("cache_endpoint"), cache_port=value.get("cache_port"),
+            cache_auth_token_ssm_parameter=value.get("cache_auth_token_ssm_parameter"),
+            cache_subnet_cidrs=tuple(value.get("cache_subnet_cidrs") or ()),
         ))
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -455,11 +472,35 @@ def deployment_from_tags(session: boto3.Session, name: str, region: str) -> Depl
                     h.public_ip = addr["PublicIp"]
     user = _tags(instances[0]).get("SshUser", "ubuntu")
     single = hosts[0] if len(hosts) == 1 else None
+    vpcs = ec2.describe_vpcs(VpcIds=[instances[0]["VpcId"]])["Vpcs"]
     return simulate(Deployment(
         name=name, region=region, ssh_user=user, hosts=hosts, source="ec2 tags",
         # several hosts sit behind a load balancer whose name only Terraform knows
         api_endpoint=f"https://{single.public_dns or single.public_ip}" if single else None,
+        vpc_cidr=vpcs[0]["CidrBlock"] if vpcs else None,
+        **shared_cache_from_aws(session, name),
     ))
+
+
+def shared_cache_from_aws(session: boto3.Session, name: str) -> dict:
+    """The shared rate-limit cache's fields of a Deployment, found by the names Terraform gives
+    it; empty when the deployment has none (a single host)."""
+    elasticache = session.client("elasticache")
+    try:
+        group = elasticache.describe_replication_groups(
+            ReplicationGroupId=CACHE_GROUP_ID.format(name=name))["ReplicationGroups"][0]
+    except ClientError as e:
+        if e.response["Error"]["Code"] == "ReplicationGroupNotFoundFault":
+            return {}
+        raise
+    primary = group["NodeGroups"][0]["PrimaryEndpoint"]
+    subnet_ids = [sn["SubnetIdentifier"] for sn in elasticache.describe_cache_subnet_groups(
+        CacheSubnetGroupName=CACHE_SUBNET_GROUP.format(name=name)
+    )["CacheSubnetGroups"][0]["Subnets"]]
+    subnets = session.client("ec2").describe_subnets(SubnetIds=subnet_ids)["Subnets"]
+    return {"cache_endpoint": primary["Address"], "cache_port": primary["Port"],
+            "cache_auth_token_ssm_parameter": CACHE_TOKEN_PARAMETER.format(name=name),
+            "cache_subnet_cidrs": tuple(sorted(sn["CidrBlock"] for sn in subnets))}
 
 
 # ---- inventory ---------------------------------------------------------------------------------
@@ -482,6 +523,11 @@ def volume_device(volume_id: str) -> str:
         raise OpsError(f"{volume_id!r} is not an EBS volume ID (vol-<hex>): run `make inventory` "
                        "again after `make deploy`")
     return EBS_BY_ID + volume_id.replace("-", "", 1)
+
+
+def behind_load_balancer(dep: Deployment) -> bool:
+    """Terraform puts the load balancer in front when there is more than one host."""
+    return len(dep.hosts) > 1
 
 
 def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
@@ -517,6 +563,22 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
         # role, which Terraform allows the zone's _acme-challenge record only
         group_vars["nginx_letsencrypt_domain"] = dep.letsencrypt_domain
         group_vars["nginx_letsencrypt_email"] = dep.letsencrypt_email or ""
+    if dep.vpc_cidr:
+        group_vars["aws_vpc_cidr"] = dep.vpc_cidr
+    if behind_load_balancer(dep) and dep.vpc_cidr:
+        # Terraform puts a load balancer in front of more than one host: nginx takes the
+        # client's address from X-Forwarded-For, trusted from the VPC's range alone (the load
+        # balancer's nodes sit in its public subnets), so per-IP limits and logs see clients
+        group_vars["nginx_behind_load_balancer"] = True
+        group_vars["nginx_load_balancer_cidrs"] = [dep.vpc_cidr]
+    if dep.cache_endpoint:
+        # one budget per key across the hosts: the gateway role's own variables. The token is
+        # not here: the gateway reads it from this SSM parameter with the instance role,
+        # which Terraform allows that one parameter only
+        group_vars["gateway_redis_url"] = f"rediss://{dep.cache_endpoint}:{dep.cache_port}"
+        group_vars["gateway_redis_auth_ssm_parameter"] = dep.cache_auth_token_ssm_parameter
+        # the gateway unit reaches loopback only, and now the cache's subnets
+        group_vars["gateway_ip_allow"] = list(dep.cache_subnet_cidrs)
     if identity:
         group_vars["ansible_ssh_private_key_file"] = identity
     monitoring_vars = {
@@ -714,6 +776,9 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     write_inventory(dep, args.out, args.identity)
     print(f">> {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}: "
           f"{len(dep.hosts)} host(s) from {dep.source}")
+    if behind_load_balancer(dep) and not dep.vpc_cidr:
+        print(">> note: the outputs name no VPC range, so nginx will see the load balancer's "
+              "addresses instead of the clients': run `make deploy` to refresh the outputs")
     for h in dep.hosts:
         print(f"   {h.name:<16} {h.public_ip or '-':<16} {h.instance_id}")
     password = ensure_grafana_password()

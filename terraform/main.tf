@@ -22,6 +22,8 @@ locals {
   # what the endpoint's certificate is: ACM on the load balancer, Let's Encrypt on one named
   # host, else the host's self-signed one
   api_tls = local.create_load_balancer ? "acm" : local.letsencrypt ? "letsencrypt" : "self-signed"
+  # several gateways must count one budget per key in one place, not one budget per host
+  create_cache = var.host_count > 1 || var.enable_shared_cache
 }
 
 # The region's own availability zones: no Local Zones (us-east-1-bos-1a ...) or Wavelength Zones,
@@ -71,6 +73,8 @@ module "network" {
   vpc_cidr           = var.vpc_cidr
   availability_zones = local.availability_zones
   enable_flow_logs   = var.enable_flow_logs
+  # the shared cache lives in private subnets; without it the VPC keeps its public pair only
+  create_private_subnets = local.create_cache
 }
 
 module "security" {
@@ -153,4 +157,20 @@ module "alerts" {
   # only for the `email` receiver's relay
   host_security_group_id = module.security.host_security_group_id
   smtp_port              = var.alert_smtp_port
+}
+
+# One budget per key across the hosts: the gateways' rate-limit counters in ElastiCache for
+# Valkey, reachable from the hosts only, its AUTH token in SSM for the hosts' role to read.
+module "cache" {
+  source = "./modules/cache"
+  count  = local.create_cache ? 1 : 0
+
+  name                   = var.name
+  region                 = var.region
+  vpc_id                 = module.network.vpc_id
+  subnet_ids             = module.network.private_subnet_ids
+  host_security_group_id = module.security.host_security_group_id
+  host_role_name         = module.gpu_host.iam_role_name
+  node_type              = var.cache_node_type
+  node_count             = var.cache_node_count
 }

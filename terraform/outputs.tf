@@ -93,6 +93,11 @@ output "vpc_id" {
   value       = module.network.vpc_id
 }
 
+output "vpc_cidr" {
+  description = "IPv4 range of the VPC: the load balancer's addresses lie in it, so nginx trusts X-Forwarded-For from it alone (make inventory passes it on)."
+  value       = module.network.vpc_cidr
+}
+
 output "public_subnet_ids" {
   description = "Public subnets (two availability zones)."
   value       = module.network.public_subnet_ids
@@ -101,4 +106,27 @@ output "public_subnet_ids" {
 output "alert_topic_arn" {
   description = "SNS topic the hosts' Alertmanager publishes alerts to (make inventory passes it to the monitoring role); subscribe to it to be told."
   value       = module.alerts.topic_arn
+}
+
+# The shared rate-limit cache: where it is and which parameter holds its AUTH token. Never the
+# token itself: the hosts read it from SSM with their role.
+
+output "cache_endpoint" {
+  description = "Primary endpoint (DNS name) of the shared rate-limit cache, or null without one (make inventory turns it into the gateways' rediss:// URL)."
+  value       = local.create_cache ? module.cache[0].endpoint_address : null
+}
+
+output "cache_port" {
+  description = "TLS port of the shared rate-limit cache, or null without one."
+  value       = local.create_cache ? module.cache[0].port : null
+}
+
+output "cache_auth_token_ssm_parameter" {
+  description = "Name of the SSM SecureString holding the cache's AUTH token (the gateways' gateway_redis_auth_ssm_parameter), or null without a cache."
+  value       = local.create_cache ? module.cache[0].auth_token_parameter_name : null
+}
+
+output "cache_subnet_cidrs" {
+  description = "IPv4 ranges of the private subnets the cache nodes sit in (the gateway unit may reach these besides loopback), or an empty list without a cache."
+  value       = module.network.private_subnet_cidrs
 }

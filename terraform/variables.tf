@@ -174,7 +174,7 @@ variable "enable_flow_logs" {
   default     = false
 }
 
-# ---- optional: name, load balancer, model cache --------------------------------------------
+# ---- optional: name, load balancer, model cache, shared rate-limit cache ---------------------
 
 variable "domain_name" {
   type        = string
@@ -235,6 +235,34 @@ variable "create_model_bucket" {
   type        = bool
   description = "Create a private, encrypted, versioned S3 bucket as a model cache, readable by the hosts."
   default     = false
+}
+
+variable "enable_shared_cache" {
+  type        = bool
+  description = "Create the shared rate-limit cache (ElastiCache for Valkey, private, TLS, AUTH token in SSM) even for one host; with host_count above 1 it is always created, so that a key's budget is one budget, not one per host."
+  default     = false
+}
+
+variable "cache_node_type" {
+  type        = string
+  description = "ElastiCache node type of the shared cache. It holds small per-key counters: cache.t4g.micro (0.5 GiB) is plenty for thousands of keys."
+  default     = "cache.t4g.micro"
+
+  validation {
+    condition     = can(regex("^cache\\.[a-z][a-z0-9-]*\\.[a-z0-9]+$", var.cache_node_type))
+    error_message = "cache_node_type must be an ElastiCache node type such as cache.t4g.micro or cache.m7g.large."
+  }
+}
+
+variable "cache_node_count" {
+  type        = number
+  description = "Nodes of the shared cache: a primary and replicas. More than one turns on Multi-AZ with automatic failover (a replica in the other zone is promoted when the primary fails)."
+  default     = 1
+
+  validation {
+    condition     = var.cache_node_count >= 1 && var.cache_node_count <= 6 && floor(var.cache_node_count) == var.cache_node_count
+    error_message = "cache_node_count must be a whole number from 1 to 6 (a primary and up to five replicas)."
+  }
 }
 
 variable "tags" {

@@ -6,8 +6,9 @@ terraform {
   required_providers {
     aws = {
       source = "hashicorp/aws"
-      # written and tested against 5.x; 6.0 reworked per-resource regions and removed arguments
-      version = ">= 5.70.0, < 6.0.0"
+      # written and tested against 5.x (5.73: ElastiCache's valkey engine); 6.0 reworked
+      # per-resource regions and removed arguments
+      version = ">= 5.73.0, < 6.0.0"
     }
   }
 }

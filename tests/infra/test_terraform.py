@@ -119,6 +119,9 @@ REFUSED = {
                                 "set route53_zone_id"),
     "gateway_port": ("metrics_ports = { gateway = 8080 }",
                      "outside 8000-8099 (the gateway on 8080 and vLLM on 8000+ are never exposed)"),
+    "cache_nodes": ("cache_node_count = 7",
+                    "cache_node_count must be a whole number from 1 to 6 (a primary and up to "
+                    "five replicas)"),
 }
 
 

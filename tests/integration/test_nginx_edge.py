@@ -176,3 +176,40 @@ def test_request_id_passes_through_and_the_access_log_is_json(edge, gateway):
     time.sleep(0.2)
     lines = [json.loads(x) for x in (tmp / "access.log").read_text().splitlines()]
     assert any(e["request_id"] == "edge-42" and e["status"] == 200 for e in lines)
+
+
+def _requests_from(url: str, ctx, client: str, count: int) -> list[int]:
+    """`count` requests that a load balancer relays for `client`: it appends the address it
+    saw to whatever X-Forwarded-For the client wrote (here a forged one, to the left)."""
+    with httpx.Client(verify=ctx, timeout=10) as c:
+        return [c.get(url + "/v1/models",
+                      headers={"x-forwarded-for": f"10.0.0.1, {client}"}).status_code
+                for _ in range(count)]
+
+
+@pytest.mark.parametrize("behind", [True, False])
+def test_behind_the_load_balancer_limits_and_logs_see_each_client(tmp_path, behind):
+    import json
+
+    # loopback plays the VPC the load balancer connects from; nothing listens upstream, so a
+    # request the edge lets through is a 502, one it limits a 429. 1 r/min with a burst of 2:
+    # the fourth request of one address within the minute is limited, however slow the machine
+    lb = {"nginx_behind_load_balancer": True, "nginx_load_balancer_cidrs": ["127.0.0.0/8"]}
+    proc, port, ctx = start_edge(tmp_path, free_port(), nginx_rate_per_ip="1r/m",
+                                 nginx_burst=2, **(lb if behind else {}))
+    url = f"https://localhost:{port}"
+    try:
+        first = _requests_from(url, ctx, "198.51.100.7", 4)
+        second = _requests_from(url, ctx, "203.0.113.9", 1)
+    finally:
+        proc.stop()
+    assert first == [502, 502, 502, 429]
+    log = [json.loads(x) for x in (tmp_path / "access.log").read_text().splitlines()]
+    if behind:
+        assert second == [502], "another client has a budget of its own"
+        assert [e["remote"] for e in log] == ["198.51.100.7"] * 4 + ["203.0.113.9"]
+    else:
+        # straight from the internet, the connection's address is the client: a forwarded
+        # header is anyone's to write and is ignored
+        assert second == [429]
+        assert {e["remote"] for e in log} == {"127.0.0.1"}

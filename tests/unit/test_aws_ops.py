@@ -137,6 +137,10 @@ TF_OUTPUTS = {
     "name": {"value": NAME}, "region": {"value": REGION}, "ssh_user": {"value": "ubuntu"},
     "api_endpoint": {"value": "https://ec2-198-51-100-10.compute-1.amazonaws.com"},
     "api_tls_trusted": {"value": False}, "model_bucket_name": {"value": None},
+    "vpc_cidr": {"value": "10.42.0.0/16"},
+    # one host: no shared rate-limit cache
+    "cache_endpoint": {"value": None}, "cache_port": {"value": None},
+    "cache_auth_token_ssm_parameter": {"value": None}, "cache_subnet_cidrs": {"value": []},
     "hosts": {"value": [{
         "name": "llm-gpu-0", "instance_id": "i-0123456789abcdef0", "instance_type": "g5.xlarge",
         "availability_zone": "us-east-1a", "private_ip": "10.42.0.10",

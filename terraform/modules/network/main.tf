@@ -50,6 +50,38 @@ resource "aws_route_table_association" "public" {
   route_table_id = aws_route_table.public.id
 }
 
+# Private subnets, one per zone, only when something needs them (the shared cache): no route
+# beyond the VPC, so what sits there is reachable from inside the VPC alone. They take the
+# /24s after the public ones.
+resource "aws_subnet" "private" {
+  count = var.create_private_subnets ? length(var.availability_zones) : 0
+
+  vpc_id            = aws_vpc.this.id
+  availability_zone = var.availability_zones[count.index]
+  cidr_block        = cidrsubnet(var.vpc_cidr, 24 - tonumber(split("/", var.vpc_cidr)[1]), length(var.availability_zones) + count.index)
+  # nothing placed here is meant to be reached from outside the VPC
+  map_public_ip_on_launch = false
+
+  tags = { Name = "${var.name}-private-${var.availability_zones[count.index]}" }
+}
+
+# A table of their own with no route but the VPC's implicit local one: the main route table
+# is not relied on, so a route added there later cannot open these subnets.
+resource "aws_route_table" "private" {
+  count = var.create_private_subnets ? 1 : 0
+
+  vpc_id = aws_vpc.this.id
+
+  tags = { Name = "${var.name}-private" }
+}
+
+resource "aws_route_table_association" "private" {
+  count = length(aws_subnet.private)
+
+  subnet_id      = aws_subnet.private[count.index].id
+  route_table_id = aws_route_table.private[0].id
+}
+
 resource "aws_flow_log" "this" {
   count = var.enable_flow_logs ? 1 : 0
 

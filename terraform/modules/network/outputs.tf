@@ -22,6 +22,17 @@ output "public_subnets" {
   depends_on  = [aws_route_table_association.public]
 }
 
+output "private_subnet_ids" {
+  description = "Private subnets, one per availability zone in the order of availability_zones; empty unless create_private_subnets."
+  value       = aws_subnet.private[*].id
+  depends_on  = [aws_route_table_association.private]
+}
+
+output "private_subnet_cidrs" {
+  description = "IPv4 ranges of the private subnets, in the same order; empty unless create_private_subnets."
+  value       = aws_subnet.private[*].cidr_block
+}
+
 output "availability_zones" {
   description = "Availability zones of the public subnets, in the same order."
   value       = aws_subnet.public[*].availability_zone

@@ -10,7 +10,7 @@ variable "name" {
 
 variable "vpc_cidr" {
   type        = string
-  description = "IPv4 range of the VPC; each availability zone gets a /24 of it."
+  description = "IPv4 range of the VPC; each availability zone gets a public /24 of it (and a private one with create_private_subnets)."
   default     = "10.42.0.0/16"
 
   validation {
@@ -27,6 +27,12 @@ variable "availability_zones" {
     condition     = length(var.availability_zones) == 2 && length(distinct(var.availability_zones)) == 2
     error_message = "availability_zones must list exactly two different zones (an ALB needs two; more adds cost without use here)."
   }
+}
+
+variable "create_private_subnets" {
+  type        = bool
+  description = "Also create one private subnet per availability zone (no route out of the VPC), for the shared cache."
+  default     = false
 }
 
 variable "enable_flow_logs" {

@@ -18,7 +18,7 @@ mock_data "aws_ssm_parameter" {
 }
 
 mock_data "aws_partition" {
-  defaults = { partition = "aws" }
+  defaults = { partition = "aws", dns_suffix = "amazonaws.com" }
 }
 
 mock_resource "aws_lb" {
@@ -61,4 +61,13 @@ mock_resource "aws_cloudwatch_log_group" {
 
 mock_resource "aws_iam_role" {
   defaults = { arn = "arn:aws:iam::123456789012:role/llm-test-role" }
+}
+
+mock_data "aws_caller_identity" {
+  defaults = { account_id = "123456789012" }
+}
+
+mock_resource "aws_ssm_parameter" {
+  # the hosts' policy names the parameter by its ARN, as AWS reports it
+  defaults = { arn = "arn:aws:ssm:us-east-1:123456789012:parameter/llm/gateway/redis-auth-token" }
 }
