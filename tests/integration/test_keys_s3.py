@@ -13,8 +13,11 @@ import io
 import json
 import os
 import re
+import socket
 import stat
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -188,19 +191,60 @@ def test_a_new_host_serves_every_existing_key_from_its_first_request(aws, backen
         host_b.stop()
 
 
-def test_concurrent_creates_from_two_operators_both_land(aws, tmp_path):
+class SlowLink:
+    """A TCP relay to moto that holds every chunk a client sends for `delay` seconds, as a slow
+    network would: operators started together then all read the same version before any of
+    them writes, so their writes race for certain."""
+
+    def __init__(self, target: str, delay: float):
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        self.delay = delay
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self.target)
+            for src, dst, delay in ((client, upstream, self.delay), (upstream, client, 0)):
+                threading.Thread(target=self._pump, args=(src, dst, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_concurrent_creates_from_several_operators_all_land(aws, tmp_path):
     store = new_store(aws)
     create(store, "existing")
     names = [f"op-{i}" for i in range(4)]
-    procs = [subprocess.Popen(
-        [PYTHON, "-m", "app.keys", "--store", store, "--region", REGION, "create", name],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, **aws_env(aws)}) for name in names]
-    results = [(p.wait(60), p.stdout.read().strip(), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
+    link = SlowLink(aws, delay=1.0)
+    try:
+        procs = [subprocess.Popen(
+            [PYTHON, "-m", "app.keys", "--store", store, "--region", REGION, "create", name],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **aws_env(link.url)}) for name in names]
+        results = [(p.wait(120), p.stdout.read().strip(), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+    finally:
+        link.close()
     assert all(rc == 0 for rc, _, _ in results), results
+    # the race happened: at least one write was refused as stale and made again
+    assert any("changed while this command ran" in err for _, _, err in results), results
     rc, out, _ = cli(store, "list", "--json")
     assert sorted(r["name"] for r in json.loads(out)) == ["existing", *names]
     # and each printed key is the one stored (not one from an attempt that lost the race)

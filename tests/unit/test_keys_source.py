@@ -36,6 +36,7 @@ def test_exactly_one_key_source_is_required(tmp_path, data, says):
 @pytest.mark.parametrize("url", [
     "https://llm-keys-test/keys.json", "s3://llm-keys-test", "s3://llm-keys-test/",
     "s3://Upper_Case/keys.json", "s3://ab/keys.json", "s3://llm-keys-test/a b.json",
+    "s3://llm-keys-test/gateway/",
 ])
 def test_the_store_url_must_name_an_object(tmp_path, url):
     with pytest.raises(ConfigError, match=r"keys_s3\.url: .*is not s3://<bucket>/<key>"):
