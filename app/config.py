@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -96,8 +97,50 @@ class ReadyConfig(_Strict):
     )
 
 
+# s3://<bucket>/<key>: S3's bucket naming rules (lowercase, digits, dots, hyphens; 3-63)
+_S3_URL = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/([^\s]+)$")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key) of `s3://bucket/key`; ValueError naming the expected form otherwise."""
+    m = _S3_URL.match(url)
+    if m is None or m.group(2).endswith("/"):
+        raise ValueError(f"{url!r} is not s3://<bucket>/<key> (the object, not a folder)")
+    return m.group(1), m.group(2)
+
+
+class KeysS3Config(_Strict):
+    """One key set for the whole deployment: the hashed keys object in S3 that every host's
+    gateway reads (`python -m app.keys --store s3://...` writes it)."""
+
+    url: str = Field(description="s3://<bucket>/<key> of the hashed keys object")
+    region: str | None = Field(
+        default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d$",
+        description="the bucket's region (default: the AWS SDK's, e.g. AWS_REGION)")
+    poll_interval_s: float = Field(
+        default=5.0, gt=0, le=300,
+        description="ask S3 whether the object changed this often (a conditional GET: an "
+        "unchanged object transfers nothing)")
+    timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="connect and read deadline of each S3 call")
+    cache_file: Path = Field(
+        default=Path("/var/lib/llm-gateway/keys.json"),
+        description="the last good copy (mode 0600): what the gateway serves, and what it starts "
+        "from when S3 cannot be read")
+
+    @field_validator("url")
+    @classmethod
+    def _s3_url(cls, v: str) -> str:
+        parse_s3_url(v)
+        return v
+
+
 class GatewayConfig(_Strict):
-    keys_file: Path = Field(description="hashed API keys (python -m app.keys manages it)")
+    # exactly one of the two: a file on this host's disk, or one S3 object shared by every host
+    keys_file: Path | None = Field(
+        default=None, description="hashed API keys on this host (python -m app.keys manages it)")
+    keys_s3: KeysS3Config | None = Field(
+        default=None, description="hashed API keys in one S3 object shared by every host")
     max_body_bytes: int = Field(default=1_048_576, gt=0)
     max_response_bytes: int = Field(
         default=64 << 20, gt=0,
@@ -118,6 +161,15 @@ class GatewayConfig(_Strict):
     rate_limit: RateLimitConfig = RateLimitConfig()
     ready: ReadyConfig = ReadyConfig()
     models: list[ModelRoute] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> GatewayConfig:
+        if (self.keys_file is None) == (self.keys_s3 is None):
+            raise ValueError(
+                "set exactly one of keys_file (the keys on this host's disk) or keys_s3 (one key "
+                "set in S3 that every host reads), " +
+                ("not both" if self.keys_file is not None else "found neither"))
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> GatewayConfig:
@@ -168,8 +220,13 @@ def load_config(path: Path | str) -> GatewayConfig:
         cfg = GatewayConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"config file {path} is invalid:\n{_describe(e)}") from None
-    if not cfg.keys_file.is_absolute():
+    # relative paths are relative to the config file
+    if cfg.keys_file is not None and not cfg.keys_file.is_absolute():
         cfg = cfg.model_copy(update={"keys_file": (path.parent / cfg.keys_file).resolve()})
+    if cfg.keys_s3 is not None and not cfg.keys_s3.cache_file.is_absolute():
+        s3 = cfg.keys_s3.model_copy(
+            update={"cache_file": (path.parent / cfg.keys_s3.cache_file).resolve()})
+        cfg = cfg.model_copy(update={"keys_s3": s3})
     return cfg
 
 

@@ -7,6 +7,9 @@ once. Writes are atomic (temp file + rename) and the file is kept at mode 0600.
 
     python -m app.keys create NAME --models a,b --rpm 60 --tpm 100000 --concurrency 4
     python -m app.keys list | revoke NAME | rotate NAME [--grace-minutes 10]
+
+With several hosts the same records live in one S3 object instead (`--store s3://bucket/key`,
+or `keys_s3` in the gateway's config): app/keys_s3.py reads and writes it.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol, TypeVar
 
-from app.config import ConfigError, config_path_from_env, load_config
+from app.config import ConfigError, config_path_from_env, load_config, parse_s3_url
 
 log = logging.getLogger("gateway.keys")
 
@@ -194,9 +198,14 @@ def read_records(path: Path, missing_ok: bool = True) -> list[KeyRecord]:
         raise KeyStoreError(f"keys file {path} is malformed: {e}; restore a backup") from None
 
 
+def records_json(records: list[KeyRecord]) -> str:
+    """The text of a keys file (or of the shared keys object) holding `records`."""
+    return json.dumps({"version": 1, "keys": [r.to_json() for r in records]}, indent=2) + "\n"
+
+
 def write_records(path: Path, records: list[KeyRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"version": 1, "keys": [r.to_json() for r in records]}, indent=2)
+    body = records_json(records)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600)
@@ -206,7 +215,7 @@ def write_records(path: Path, records: list[KeyRecord]) -> None:
         except (FileNotFoundError, PermissionError):
             pass
         with os.fdopen(fd, "w") as f:
-            f.write(body + "\n")
+            f.write(body)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -233,6 +242,9 @@ class KeyStore:
         self._version: tuple | None = ()  # () = never read; None = the file was missing
         self._checked = 0.0
         self.reload()
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
     def _stat(self) -> tuple | None:
         try:
@@ -293,6 +305,18 @@ class KeyStore:
 # ---------------------------------------------------------------- CLI
 
 
+T = TypeVar("T")
+
+
+class KeySet(Protocol):
+    """What the CLI reads and changes: a keys file (FileKeys) or the shared S3 object
+    (app.keys_s3.S3Keys). `update` applies `change` to the records and saves them."""
+
+    def read(self) -> list[KeyRecord]: ...
+
+    def update(self, change: Callable[[list[KeyRecord]], T]) -> T: ...
+
+
 def _find_active(records: list[KeyRecord], name: str) -> KeyRecord:
     now = time.time()
     for r in records:
@@ -315,50 +339,70 @@ def _expiry(value: str | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-def cmd_create(args: argparse.Namespace, path: Path) -> int:
-    records = read_records(path)
-    now = time.time()
-    if any(r.name == args.name and r.active(now) for r in records):
-        raise KeyStoreError(f"an active key named {args.name!r} exists; rotate or revoke it")
+class FileKeys:
+    """The key set the CLI changes when it is a file on this host."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[KeyRecord]:
+        return read_records(self.path)
+
+    def update(self, change: Callable[[list[KeyRecord]], T]) -> T:
+        records = read_records(self.path)
+        result = change(records)
+        write_records(self.path, records)
+        return result
+
+
+def cmd_create(args: argparse.Namespace, store: KeySet) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise KeyStoreError("--models needs at least one model name, or '*' for all")
-    key = issue_key(records, args.name, models, args.rpm, args.tpm, args.concurrency,
-                    _expiry(args.expires))
-    write_records(path, records)
-    _print_new(args, key)
+    expires = _expiry(args.expires)
+
+    def change(records: list[KeyRecord]) -> str:
+        if any(r.name == args.name and r.active(time.time()) for r in records):
+            raise KeyStoreError(f"an active key named {args.name!r} exists; rotate or revoke it")
+        return issue_key(records, args.name, models, args.rpm, args.tpm, args.concurrency,
+                         expires)
+
+    _print_new(args, store.update(change))
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace, path: Path) -> int:
-    records = read_records(path)
-    old = _find_active(records, args.name)
-    key = issue_key(records, old.name, old.models, old.rpm, old.tpm, old.max_concurrency,
-                    old.expires_at)
-    if args.grace_minutes > 0:
-        until = datetime.now(UTC) + timedelta(minutes=args.grace_minutes)
-        if old.expires_at is None or _parse_ts(old.expires_at) > until.timestamp():
-            old.expires_at = until.replace(microsecond=0).isoformat()
-    else:
-        old.revoked_at = now_iso()
-    write_records(path, records)
-    _print_new(args, key)
+def cmd_rotate(args: argparse.Namespace, store: KeySet) -> int:
+    def change(records: list[KeyRecord]) -> str:
+        old = _find_active(records, args.name)
+        key = issue_key(records, old.name, old.models, old.rpm, old.tpm, old.max_concurrency,
+                        old.expires_at)
+        if args.grace_minutes > 0:
+            until = datetime.now(UTC) + timedelta(minutes=args.grace_minutes)
+            if old.expires_at is None or _parse_ts(old.expires_at) > until.timestamp():
+                old.expires_at = until.replace(microsecond=0).isoformat()
+        else:
+            old.revoked_at = now_iso()
+        return key
+
+    _print_new(args, store.update(change))
     return 0
 
 
-def cmd_revoke(args: argparse.Namespace, path: Path) -> int:
-    records = read_records(path)
-    rec = _find_active(records, args.name)
-    rec.revoked_at = now_iso()
-    write_records(path, records)
+def cmd_revoke(args: argparse.Namespace, store: KeySet) -> int:
+    def change(records: list[KeyRecord]) -> KeyRecord:
+        rec = _find_active(records, args.name)
+        rec.revoked_at = now_iso()
+        return rec
+
+    rec = store.update(change)
     print(f"revoked key {rec.name} (id {rec.id})", file=sys.stderr)
     return 0
 
 
-def cmd_list(args: argparse.Namespace, path: Path) -> int:
+def cmd_list(args: argparse.Namespace, store: KeySet) -> int:
     now = time.time()
     rows = []
-    for r in read_records(path):
+    for r in store.read():
         state = "revoked" if r.revoked_at else "expired" if r.expired(now) else "active"
         if state != "active" and not args.all:
             continue
@@ -383,10 +427,18 @@ def _print_new(args: argparse.Namespace, key: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app.keys", description="Manage gateway API keys.")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--file", type=Path, default=None,
-        help="keys file (default: $GATEWAY_KEYS_FILE, else keys_file from $GATEWAY_CONFIG)",
+        help="keys file (default: $GATEWAY_KEYS_FILE, else keys_file or keys_s3 of "
+        "$GATEWAY_CONFIG)",
     )
+    where.add_argument(
+        "--store", default=None, metavar="s3://BUCKET/KEY",
+        help="the deployment's shared keys object in S3 (written with your AWS credentials)",
+    )
+    p.add_argument("--region", default=None,
+                   help="region of the --store bucket (default: the AWS SDK's, e.g. AWS_REGION)")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="create a key and print it once")
     c.add_argument("name")
@@ -407,12 +459,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _keys_path(arg: Path | None) -> Path:
-    if arg is not None:
-        return arg
-    if os.environ.get("GATEWAY_KEYS_FILE"):
-        return Path(os.environ["GATEWAY_KEYS_FILE"])
-    return load_config(config_path_from_env()).keys_file
+def _key_set(args: argparse.Namespace) -> KeySet:
+    """Where the keys are: --file, --store, $GATEWAY_KEYS_FILE, else the gateway's config."""
+    store, region = args.store, args.region
+    if args.file is None and store is None:
+        if os.environ.get("GATEWAY_KEYS_FILE"):
+            return FileKeys(Path(os.environ["GATEWAY_KEYS_FILE"]))
+        cfg = load_config(config_path_from_env())
+        if cfg.keys_file is not None:
+            return FileKeys(cfg.keys_file)
+        store, region = cfg.keys_s3.url, region or cfg.keys_s3.region
+    if store is None:
+        return FileKeys(args.file)
+    try:
+        parse_s3_url(store)
+    except ValueError as e:
+        raise KeyStoreError(f"--store: {e}") from None
+    from app.keys_s3 import S3Keys  # the AWS SDK only when the keys are there
+
+    return S3Keys(store, region, notice=lambda msg: print(msg, file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"create": cmd_create, "rotate": cmd_rotate, "revoke": cmd_revoke,
                "list": cmd_list}[args.command]
     try:
-        return handler(args, _keys_path(args.file))
+        return handler(args, _key_set(args))
     except (KeyStoreError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

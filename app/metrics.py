@@ -62,6 +62,18 @@ class Metrics:
             child = self._children[(metric, labels)] = metric.labels(*labels)
             return child
 
+    def track_key_store(self) -> None:
+        """The shared key store's metrics; only a gateway that reads one (keys_s3) has them,
+        so an alert on their age never fires for a gateway with a keys file."""
+        self.keys_store_errors = Counter(
+            "gateway_keys_store_errors",
+            "Reads of the shared keys object (S3) that failed; the last good set stayed in force",
+            registry=self.registry)
+        self.keys_store_synced = Gauge(
+            "gateway_keys_store_last_sync_timestamp_seconds",
+            "When the shared keys object (S3) last answered (Unix time; 0: not since start)",
+            registry=self.registry)
+
     def keys_reloaded(self, ok: bool) -> None:
         self.keys_last_reload_ok.set(1 if ok else 0)
         if not ok:

@@ -26,8 +26,18 @@ class Gateway:
         self.config = config
         self.metrics = Metrics()
         # KeyStoreError here stops the process: it must not serve with a wrong key set
-        self.keys = KeyStore(config.keys_file, must_exist=True,
-                             on_reload=self.metrics.keys_reloaded)
+        self.keys_mirror = None
+        keys_file = config.keys_file
+        if config.keys_s3 is not None:
+            # the shared key set: fetched into its local copy now, that copy served like a
+            # keys file, and kept up to date by the mirror's polls (started in start())
+            from app.keys_s3 import KeysMirror
+
+            self.keys_mirror = KeysMirror(config.keys_s3, self.metrics,
+                                          on_reload=self.metrics.keys_reloaded)
+            self.keys_mirror.load_at_start()
+            keys_file = config.keys_s3.cache_file
+        self.keys = KeyStore(keys_file, must_exist=True, on_reload=self.metrics.keys_reloaded)
         self.backends: dict[str, Backend] = {}
         self.limiter: Limiter | None = None
         # /ready answers 503 from SIGTERM on, so load balancers stop sending first
@@ -35,6 +45,7 @@ class Gateway:
         # the backend responses of open streams (SseRelay adds and removes them)
         self.streams: set[aiohttp.ClientResponse] = set()
         self._keys_task: asyncio.Task | None = None
+        self._mirror_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Open the pools; needs the running event loop."""
@@ -45,6 +56,9 @@ class Gateway:
         self.limiter = make_limiter(rl.redis_url, rl.window_s, lease, rl.on_redis_error,
                                     rl.timeout_s)
         self._keys_task = asyncio.create_task(self._watch_keys(), name="keys-watch")
+        if self.keys_mirror is not None:
+            self._mirror_task = asyncio.create_task(self.keys_mirror.run(self.keys),
+                                                    name="keys-s3-poll")
 
     async def _watch_keys(self) -> None:
         # requests re-read the file too, but a bad file must be reported when none come
@@ -61,10 +75,11 @@ class Gateway:
             resp.content.set_exception(ShuttingDown())
 
     async def stop(self) -> None:
-        if self._keys_task is not None:
-            self._keys_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keys_task
+        for task in (self._keys_task, self._mirror_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for b in self.backends.values():
             await b.close()
         if self.limiter is not None:

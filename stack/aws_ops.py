@@ -7,6 +7,7 @@
     python -m stack.aws_ops status | stop | start
     python -m stack.aws_ops ssh [--host HOST] [-- COMMAND] | logs UNIT [--host HOST]
     python -m stack.aws_ops endpoint [--tls] | summary
+    python -m stack.aws_ops key-store       (the app.keys arguments of the deployment's key set)
     python -m stack.aws_ops smoke [--url URL] [--insecure | --trusted] [--attempts N]
     python -m stack.aws_ops smoke-gpu [--host HOST]     (LLM_API_KEY: a key of the deployment)
 
@@ -42,7 +43,7 @@ import ssl
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -125,6 +126,10 @@ class Deployment:
     model_cache_url: str | None = None
     # the SNS topic the hosts' Alertmanager publishes alerts to (Terraform's alert_topic_arn)
     alert_topic_arn: str | None = None
+    # s3://bucket/key of the one key set every host reads (Terraform's key_store_url), and
+    # S3's address ranges the gateway unit must be allowed to reach it
+    key_store_url: str | None = None
+    key_store_s3_cidrs: list[str] = field(default_factory=list)
     source: str = "terraform"
     # where the endpoint's certificate comes from: acm, letsencrypt or self-signed (tls_mode())
     api_tls: str | None = None
@@ -439,6 +444,8 @@ def deployment_from_outputs(outputs: dict) -> Deployment:
             cache_endpoint=value.get("cache_endpoint"), cache_port=value.get("cache_port"),
             cache_auth_token_ssm_parameter=value.get("cache_auth_token_ssm_parameter"),
             cache_subnet_cidrs=tuple(value.get("cache_subnet_cidrs") or ()),
+            key_store_url=value.get("key_store_url"),
+            key_store_s3_cidrs=list(value.get("key_store_s3_cidrs") or []),
         ))
     except (KeyError, TypeError) as e:
         raise OpsError(f"the Terraform outputs lack {e}: run `make deploy` (or "
@@ -557,6 +564,12 @@ def inventory_document(dep: Deployment, identity: str | None = None) -> dict:
     if dep.model_cache_url:
         # the models role's shared weights cache: the instance role may write there
         group_vars["models_s3_cache"] = dep.model_cache_url
+    if dep.key_store_url:
+        # the gateway role's own variables: every host reads the one key set with the instance
+        # role, which Terraform allows that object only; make key-* write it
+        group_vars["gateway_keys_s3_url"] = dep.key_store_url
+        group_vars["gateway_keys_s3_region"] = dep.region
+        group_vars["gateway_keys_s3_ip_allow"] = dep.key_store_s3_cidrs
     group_vars["api_tls"] = tls_mode(dep)
     if dep.letsencrypt_domain:
         # the nginx role's own variables: certbot answers DNS-01 in Route53 with the instance
@@ -653,7 +666,9 @@ def read_inventory(path: Path = INVENTORY) -> Deployment:
                       letsencrypt_domain=gv.get("nginx_letsencrypt_domain") or None,
                       letsencrypt_email=gv.get("nginx_letsencrypt_email") or None,
                       alert_topic_arn=(doc["all"]["children"].get("monitoring", {}).get("vars")
-                                       or {}).get("monitoring_alert_sns_topic_arn"))
+                                       or {}).get("monitoring_alert_sns_topic_arn"),
+                      key_store_url=gv.get("gateway_keys_s3_url"),
+                      key_store_s3_cidrs=gv.get("gateway_keys_s3_ip_allow") or [])
 
 
 # ---- commands ----------------------------------------------------------------------------------
@@ -1171,6 +1186,28 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_store(args: argparse.Namespace) -> int:
+    """The `python -m app.keys` arguments that reach the deployment's key set (make key-*):
+    `--store s3://... --region R` with a key store; nothing when there is no AWS deployment
+    here (make then uses the local stack's keys file); an error when the deployment keeps its
+    keys on each host."""
+    outputs = terraform_outputs(args.tf_dir)
+    if outputs is not None:
+        dep = deployment_from_outputs(outputs)
+    elif args.out.exists():
+        dep = read_inventory(args.out)
+    else:
+        return 0
+    if not dep.key_store_url:
+        raise OpsError(
+            f"the deployment {dep.name} keeps its keys in a file on each host (one host, "
+            "create_key_store = false): change them with ansible/playbooks/rotate_key.yml, or "
+            "set create_key_store = true in terraform/terraform.tfvars and `make deploy` to "
+            "keep one key set for every host, which make key-* then change")
+    print(shlex.join(["--store", dep.key_store_url, "--region", dep.region]))
+    return 0
+
+
 def _gateway_defaults() -> dict:
     """Where the Ansible gateway role installs the app: its defaults are the one source."""
     path = ROOT / "ansible" / "roles" / "gateway" / "defaults" / "main.yml"
@@ -1191,7 +1228,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"   endpoint     {dep.api_endpoint}"
           + ("" if trusted else "   (self-signed certificate: curl -k)"))
     print(f"   OpenAI SDK   base_url=\"{dep.api_endpoint}/v1\"")
-    if len(dep.hosts) == 1:
+    if dep.key_store_url:
+        print("   create a key (printed once; every host's gateway picks it up within seconds):")
+        print("     make key-create NAME=my-app MODELS='*'")
+    elif len(dep.hosts) == 1:
         print("   create a key (printed once; the gateway reads the keys file by itself):")
         print(f"     make ssh CMD=\"{create}\"")
     else:
@@ -1281,6 +1321,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--delay", type=float, default=15, help="seconds between attempts")
     s.add_argument("--timeout", type=float, default=10, help="seconds per attempt")
     s.set_defaults(func=cmd_smoke)
+
+    s = sub.add_parser("key-store", help="`python -m app.keys` arguments for the deployment's "
+                       "key set (empty without an AWS deployment here)")
+    s.set_defaults(func=cmd_key_store)
 
     s = sub.add_parser("summary", help="the endpoint and how to get a key, after a deploy")
     s.set_defaults(func=cmd_summary)

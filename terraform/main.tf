@@ -12,6 +12,9 @@ provider "aws" {
 locals {
   # more than one host: clients need one address, and /ready health checks take a host out
   create_load_balancer = var.host_count > 1
+  # keys managed once for the deployment: several hosts must serve the same keys, and a
+  # replaced host every key from its first request
+  create_key_store = var.create_key_store || local.create_load_balancer
   # the two first regular zones that offer the instance type (not every zone has every GPU
   # type); Local and Wavelength Zones may offer it too, but lack services the stack uses
   gpu_zones          = sort(setintersection(data.aws_ec2_instance_type_offerings.gpu.locations, data.aws_availability_zones.regular.names))
@@ -93,6 +96,17 @@ module "model_bucket" {
   count  = var.create_model_bucket ? 1 : 0
 
   name = var.name
+}
+
+# The hashed key set in one S3 object; the hosts' role may read that object and nothing else
+# of it. Operators change it with `make key-create|key-rotate|key-revoke`.
+module "key_store" {
+  source = "./modules/key_store"
+  count  = local.create_key_store ? 1 : 0
+
+  name           = var.name
+  region         = var.region
+  host_role_name = module.gpu_host.iam_role_name
 }
 
 module "gpu_host" {

@@ -83,6 +83,16 @@ output "model_cache_url" {
   value       = module.gpu_host.model_cache_url
 }
 
+output "key_store_url" {
+  description = "s3://<bucket>/<key> of the deployment's one key set (make inventory passes it to the gateway role; make key-* write it), or null: keys are a file on each host."
+  value       = local.create_key_store ? module.key_store[0].url : null
+}
+
+output "key_store_s3_cidrs" {
+  description = "S3's address ranges in the region, which the gateway unit may reach to read the key set; empty without a key store."
+  value       = local.create_key_store ? module.key_store[0].s3_cidrs : []
+}
+
 output "monitoring_security_group_id" {
   description = "Attach to a separate monitoring host so it may scrape the exporters."
   value       = module.security.monitoring_security_group_id

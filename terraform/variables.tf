@@ -231,6 +231,12 @@ variable "enable_deletion_protection" {
   default     = false
 }
 
+variable "create_key_store" {
+  type        = bool
+  description = "Keep the gateways' hashed API keys in one S3 object (own KMS key, versioned) that every host reads, instead of a file on each host; always on with more than one host."
+  default     = false
+}
+
 variable "create_model_bucket" {
   type        = bool
   description = "Create a private, encrypted, versioned S3 bucket as a model cache, readable by the hosts."

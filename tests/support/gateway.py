@@ -68,9 +68,10 @@ def start_gateway(folder: Path, config: dict, keys: dict[str, list[str]],
     made = {name: create_key(keys_file, name, *flags) for name, flags in keys.items()}
     keys_file.touch()  # the installer's empty file when no key was made (missing stops it)
     cfg_path = folder / "gateway.yml"
-    # no drain notice unless a test asks: stopping a test gateway need not wait for it
-    cfg_path.write_text(yaml.safe_dump({"keys_file": str(keys_file), "drain_notice_s": 0,
-                                        **config}))
+    # no drain notice unless a test asks: stopping a test gateway need not wait for it;
+    # a config with keys_s3 (the shared key set) has no keys file
+    where = {} if "keys_s3" in config else {"keys_file": str(keys_file)}
+    cfg_path.write_text(yaml.safe_dump({**where, "drain_notice_s": 0, **config}))
     port = free_port()
     proc = Proc(f"gateway:{port}", [PYTHON, "-m", "app"], folder / f"gateway-{port}.log", env={
         "GATEWAY_CONFIG": str(cfg_path), "GATEWAY_PORT": str(port), **(env or {}),

@@ -55,6 +55,11 @@ mock_resource "aws_s3_bucket" {
   }
 }
 
+mock_resource "aws_kms_key" {
+  # the key store's first object names its key by ARN, which the provider checks
+  defaults = { arn = "arn:aws:kms:us-east-1:123456789012:key/0b1c2d3e-aaaa-bbbb-cccc-000000000001" }
+}
+
 mock_resource "aws_cloudwatch_log_group" {
   defaults = { arn = "arn:aws:logs:us-east-1:123456789012:log-group:/vpc/llm/flow-logs" }
 }
