@@ -122,11 +122,12 @@ def read_password(rl: RateLimitConfig) -> str | None:
 def _read_password_file(path: Path) -> str:
     where = f"rate_limit.redis_password_file {path}"
     try:
+        # no symlinks: the mode checked must be the file's own
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as e:
         raise ConfigError(f"{where} cannot be read: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"{where} is not a regular file")
         mode = stat.S_IMODE(st.st_mode)
@@ -134,11 +135,12 @@ def _read_password_file(path: Path) -> str:
             raise ConfigError(
                 f"{where} is mode {mode:04o}: a password file may be readable by its owner and "
                 "group only (chmod 0600, or 0640 with the gateway's group)")
-        try:
+        with os.fdopen(os.dup(fd), "rb") as f:
             text = f.read().decode()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{where} cannot be read as UTF-8 text: "
-                              f"{type(e).__name__}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where} cannot be read as text: {type(e).__name__}") from None
+    finally:
+        os.close(fd)
     password = text.rstrip("\r\n")
     if not password:
         raise ConfigError(f"{where} is empty")
