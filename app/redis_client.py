@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
 
 from app.config import ConfigError, RateLimitConfig
@@ -101,12 +102,14 @@ def connection_pool(url: str, timeout_s: float, password: str | None = None,
                     ca_file: Path | None = None) -> aioredis.BlockingConnectionPool:
     """The limiter's pool: it waits up to `timeout_s` for a free connection, each connect and
     each answer, and never retries on its own (on_redis_error decides what a failure means)."""
+    # not from_url: it lets the URL's options (its connection class among them) win
+    address = parse_url(url)
+    address.pop("connection_class", None)
     connection_class = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(
         _scheme(url), _Connection)
-    return _FailoverPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=timeout_s,
-        connection_class=connection_class,
-        **_connection_options(url, timeout_s, password, ca_file))
+    return _FailoverPool(
+        max_connections=MAX_CONNECTIONS, timeout=timeout_s, connection_class=connection_class,
+        **{**address, **_connection_options(url, timeout_s, password, ca_file)})
 
 
 def read_password(rl: RateLimitConfig) -> str | None:
@@ -207,8 +210,11 @@ def check_at_start(rl: RateLimitConfig, password: str | None) -> None:
     try:
         client.ping()
     except AuthenticationError as e:
-        source = rl.redis_password_source or "no password (set rate_limit.redis_password_file " \
-            "or rate_limit.redis_password_ssm_parameter)"
+        source = rl.redis_password_source
+        if source is None:
+            raise ConfigError(f"Redis at {target} wants a password: set "
+                              "rate_limit.redis_password_file or "
+                              f"rate_limit.redis_password_ssm_parameter ({e})") from None
         raise ConfigError(f"Redis at {target} refused the password from {source}: {e}") from None
     except ResponseError as e:  # e.g. a password sent to a server that has none
         raise ConfigError(f"Redis at {target} refused the connection: {e}") from None
