@@ -15,6 +15,8 @@ import redis
 
 from tests.support.procs import Proc, free_port
 
+ADMIN = "test-admin"
+
 
 @dataclass
 class RedisServer:
@@ -35,9 +37,17 @@ class RedisServer:
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/0"
 
     def client(self) -> redis.Redis:
-        """An admin connection of the test's own, verified like the gateway's."""
+        """An admin connection of the test's own (named `test-admin`), verified against the
+        server's own CA at the first address it listens on."""
         tls = {"ssl_ca_certs": str(self.tls / "ca.crt")} if self.tls else {}
-        return redis.Redis.from_url(self.url, password=self.password, socket_timeout=5, **tls)
+        url = f"{'rediss' if self.tls else 'redis'}://{self.binds[0]}:{self.port}/0"
+        return redis.Redis.from_url(url, password=self.password, socket_timeout=5,
+                                    client_name=ADMIN, **tls)
+
+    def clients(self) -> int:
+        """Connections open to the server, the test's own admin connections not counted."""
+        with self.client() as c:
+            return sum(1 for e in c.client_list() if e.get("name") != ADMIN)
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
