@@ -5,6 +5,7 @@ the same address, and the password never in a log line, an answer or a metric.""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 
@@ -136,13 +137,15 @@ def test_a_refused_password_stops_the_gateway_at_start_saying_why(
 def test_a_certificate_that_does_not_verify_stops_the_gateway_at_start(
         backends, tmp_path, tls, password_file, case):
     ca_a, ca_b = tls
+    # OpenSSL's words for a chain that ends at a CA it does not trust (they vary by version)
+    unknown_ca = r"self[- ]signed certificate|unable to get local issuer certificate"
     server_tls, ca_file, host, reason = {
         # a server certificate the configured CA never signed
-        "another CA": (ca_b, ca_a / "ca.crt", "127.0.0.1", "self-signed certificate in certificate chain"),
+        "another CA": (ca_b, ca_a / "ca.crt", "127.0.0.1", unknown_ca),
         # the right CA, but the certificate names localhost and 127.0.0.1, not 127.0.0.2
-        "another host name": (ca_a, ca_a / "ca.crt", "127.0.0.2", "IP address mismatch"),
+        "another host name": (ca_a, ca_a / "ca.crt", "127.0.0.2", r"IP address mismatch"),
         # no redis_ca_file: the system store, which never signed a throwaway CA
-        "the system CA store": (ca_a, None, "127.0.0.1", "self-signed certificate in certificate chain"),
+        "the system CA store": (ca_a, None, "127.0.0.1", unknown_ca),
     }[case]
     server = RedisServer(tmp_path / "redis", tls=server_tls, password=SECRET, host=host,
                          binds=("127.0.0.1", "127.0.0.2")).start()
@@ -152,7 +155,7 @@ def test_a_certificate_that_does_not_verify_stops_the_gateway_at_start(
             rate_limit["redis_ca_file"] = str(ca_file)
         said = refused_start(tmp_path / "gw", backends, rate_limit)
         assert f"Redis at rediss://{host}:{server.port}: its TLS certificate was refused" in said
-        assert reason in said
+        assert re.search(reason, said)
         assert str(ca_file or "the system's CA store") in said
         # the password was never sent to a server that could not prove who it is
         assert server.clients() == 0
