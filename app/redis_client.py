@@ -26,6 +26,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import AuthenticationError, ReadOnlyError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from app.config import ConfigError, RateLimitConfig
 
@@ -44,7 +45,8 @@ class PrimaryDemoted(redis.ConnectionError):
 
 
 class _DropOnReadOnly:
-    """Mixin for redis-py's async connections (the same move as redis-py's Sentinel client)."""
+    """Mixin for redis-py's async connections: READONLY becomes a connection error, after
+    closing the connection (what redis-py's own Sentinel client does)."""
 
     answered_as_replica = False
 
@@ -72,7 +74,8 @@ class _UnixConnection(_DropOnReadOnly, aioredis.UnixDomainSocketConnection):
 
 class _FailoverPool(aioredis.BlockingConnectionPool):
     """When one connection finds the primary demoted, every idle connection was opened to the
-    same server: close them all at once instead of failing one batch on each."""
+    same server, alive and well as far as the pool can tell: close them all at once instead of
+    failing one batch on each."""
 
     async def release(self, connection) -> None:
         await super().release(connection)
@@ -109,6 +112,12 @@ def connection_pool(url: str, timeout_s: float, password: str | None = None,
         _scheme(url), _Connection)
     return _FailoverPool(
         max_connections=MAX_CONNECTIONS, timeout=timeout_s, connection_class=connection_class,
+        # redis-py 8 defaults these to "auto", which (a) skips the pool's check that an idle
+        # connection is still open before handing it out (seen here: after a Redis restart
+        # every pooled connection failed its first batch), and (b) may stretch timeouts to
+        # 10 s while a server announces maintenance, past timeout_s. Dead connections are
+        # what the gateway must notice; on_redis_error covers the rest.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **{**address, **_connection_options(url, timeout_s, password, ca_file)})
 
 
