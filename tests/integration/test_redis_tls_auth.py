@@ -61,10 +61,14 @@ def secure_limits(server: RedisServer, password_file, **overrides) -> dict:
 
 def refused_start(folder, backends, rate_limit: dict, env: dict | None = None) -> str:
     """Start a gateway that must refuse to start; what it said."""
-    with pytest.raises(RuntimeError, match="exited with 2") as e:
-        start_gateway(folder, {"models": models_config(backends), "rate_limit": rate_limit},
-                      {"k": []}, env=env)
-    return str(e.value)
+    try:
+        gw = start_gateway(folder, {"models": models_config(backends), "rate_limit": rate_limit},
+                           {"k": []}, env=env)
+    except RuntimeError as e:
+        assert "exited with 2" in str(e), str(e)
+        return str(e)
+    gw.stop()  # started after all: stop it before failing
+    pytest.fail("the gateway started")
 
 
 def assert_no_secret(gw: GatewayHandle, responses=()) -> None:
