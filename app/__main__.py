@@ -58,12 +58,17 @@ class _DrainingServer(uvicorn.Server):
 def main() -> int:
     try:
         settings = settings_from_env()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # before the app is made: what it says while starting (Redis checked, say) is JSON too
+    setup_logging(settings.log_level)
+    try:
         config = load_config(config_path_from_env())
         app = create_app(config)
     except (ConfigError, KeyStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level)
     server = _DrainingServer(uvicorn.Config(
         FastPath(app), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
         access_log=False, log_config=None, lifespan="on", server_header=False,

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -60,7 +61,24 @@ class ModelRoute(_Strict):
 
 class RateLimitConfig(_Strict):
     redis_url: str | None = Field(
-        default=None, description="when set, counters live in Redis and are shared"
+        default=None,
+        description="when set, counters live in Redis and are shared; rediss:// for TLS. "
+        "No password here: see redis_password_file and redis_password_ssm_parameter",
+    )
+    redis_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle the rediss:// server's certificate must chain to "
+        "(default: the system's CA store, which ElastiCache's certificates chain to); "
+        "the certificate and its hostname are always verified",
+    )
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="file holding the Redis password or AUTH token, mode 0600 or 0640 at most",
+    )
+    redis_password_ssm_parameter: str | None = Field(
+        default=None, min_length=1, max_length=2048, pattern=r"^[A-Za-z0-9_.:/-]+$",
+        description="SSM Parameter Store SecureString (name or ARN) holding the Redis "
+        "password or AUTH token, read once at start with the host's AWS credentials",
     )
     window_s: float = Field(default=60.0, gt=0, description="sliding window length")
     on_redis_error: Literal["open", "closed"] = Field(
@@ -74,10 +92,46 @@ class RateLimitConfig(_Strict):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        url = urlsplit(v)
+        # Never echo the URL back: it may be the very secret being refused.
+        if url.password is not None:
+            raise ValueError("holds a password, which would then show wherever the URL does: "
+                             "put it in rate_limit.redis_password_file or "
+                             "rate_limit.redis_password_ssm_parameter instead")
+        # redis-py turns every query parameter into a connection option, overriding the
+        # gateway's own (ssl_cert_reqs=none would turn certificate checks off unseen)
+        if url.query or url.fragment:
+            raise ValueError("takes no query string (?...) or fragment: TLS and AUTH are "
+                             "set by the other rate_limit settings")
         return v
+
+    @model_validator(mode="after")
+    def _redis_settings_fit(self) -> RateLimitConfig:
+        auth = [f for f in ("redis_password_file", "redis_password_ssm_parameter")
+                if getattr(self, f) is not None]
+        if len(auth) > 1:
+            raise ValueError("set one of redis_password_file and redis_password_ssm_parameter, "
+                             "not both")
+        needs_url = auth + (["redis_ca_file"] if self.redis_ca_file is not None else [])
+        if needs_url and self.redis_url is None:
+            raise ValueError(f"{needs_url[0]} is set but redis_url is not")
+        if self.redis_ca_file is not None and not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_ca_file is only used with TLS: make redis_url rediss://")
+        return self
+
+    @property
+    def redis_password_source(self) -> str | None:
+        """Where the password comes from, in words safe to log."""
+        if self.redis_password_file is not None:
+            return f"rate_limit.redis_password_file {self.redis_password_file}"
+        if self.redis_password_ssm_parameter is not None:
+            return f"rate_limit.redis_password_ssm_parameter {self.redis_password_ssm_parameter}"
+        return None
 
 
 class ReadyConfig(_Strict):
@@ -227,6 +281,12 @@ def load_config(path: Path | str) -> GatewayConfig:
         s3 = cfg.keys_s3.model_copy(
             update={"cache_file": (path.parent / cfg.keys_s3.cache_file).resolve()})
         cfg = cfg.model_copy(update={"keys_s3": s3})
+    rl = cfg.rate_limit
+    files = {f: (path.parent / getattr(rl, f)).resolve()
+             for f in ("redis_ca_file", "redis_password_file")
+             if getattr(rl, f) is not None and not getattr(rl, f).is_absolute()}
+    if files:
+        cfg = cfg.model_copy(update={"rate_limit": rl.model_copy(update=files)})
     return cfg
 
 

@@ -14,10 +14,13 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
+
+from app.redis_client import connection_pool
 
 log = logging.getLogger("gateway.limits")
 
@@ -321,6 +324,15 @@ class _Batcher:
                 results = await self._pipeline(batch)
         except (RedisError, OSError) as e:
             results = [e] * len(batch)
+        except BaseException as e:
+            # not an outage (a bug, or this task cancelled): no caller may wait forever
+            for *_, fut in batch:
+                if fut is not None and not fut.done():
+                    if isinstance(e, Exception):
+                        fut.set_exception(e)
+                    else:
+                        fut.cancel()
+            raise
         for (*_, fut), r in zip(batch, results, strict=True):
             if fut is None:  # a settlement: nobody to tell
                 if isinstance(r, BaseException):
@@ -350,15 +362,13 @@ class RedisLimiter:
     """Counters in Redis: every gateway process and host sharing the URL shares one budget."""
 
     def __init__(self, url: str, window_s: float, lease_s: float, fail_open: bool,
-                 timeout_s: float):
+                 timeout_s: float, *, password: str | None = None, ca_file: Path | None = None):
         self.window_s = window_s
         # a concurrency slot of a gateway that died mid-request frees itself after lease_s
         self.lease_s = lease_s
         self.fail_open = fail_open
-        # a bounded pool that waits for a free connection rather than failing under bursts
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=64, timeout=timeout_s, socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s)
+        # TLS, AUTH and failover handling live with the pool (app/redis_client.py)
+        pool = connection_pool(url, timeout_s, password, ca_file)
         self.pool = pool
         self.redis = aioredis.Redis(connection_pool=pool)
         self._batch = _Batcher(self.redis)
@@ -407,8 +417,9 @@ class RedisLimiter:
 
 
 def make_limiter(redis_url: str | None, window_s: float, lease_s: float,
-                 on_redis_error: str, timeout_s: float) -> Limiter:
+                 on_redis_error: str, timeout_s: float, *, password: str | None = None,
+                 ca_file: Path | None = None) -> Limiter:
     if redis_url:
         return RedisLimiter(redis_url, window_s, lease_s, fail_open=on_redis_error == "open",
-                            timeout_s=timeout_s)
+                            timeout_s=timeout_s, password=password, ca_file=ca_file)
     return MemoryLimiter(window_s)

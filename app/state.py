@@ -12,6 +12,7 @@ from app.config import GatewayConfig
 from app.keys import KeyStore
 from app.limits import Limiter, make_limiter
 from app.metrics import Metrics
+from app.redis_client import check_at_start, read_password
 from app.upstream import Backend
 
 log = logging.getLogger("gateway")
@@ -38,6 +39,12 @@ class Gateway:
             self.keys_mirror.load_at_start()
             keys_file = config.keys_s3.cache_file
         self.keys = KeyStore(keys_file, must_exist=True, on_reload=self.metrics.keys_reloaded)
+        rl = config.rate_limit
+        # ConfigError here stops the process too: an unusable password source, or a Redis
+        # that refuses the password or whose certificate fails (an unreachable one does not)
+        self._redis_password = read_password(rl)
+        if rl.redis_url is not None:
+            check_at_start(rl, self._redis_password)
         self.backends: dict[str, Backend] = {}
         self.limiter: Limiter | None = None
         # /ready answers 503 from SIGTERM on, so load balancers stop sending first
@@ -54,7 +61,8 @@ class Gateway:
         # a crashed gateway's concurrency slots free themselves after the longest request
         lease = max(m.timeout_s for m in self.config.models) + 30
         self.limiter = make_limiter(rl.redis_url, rl.window_s, lease, rl.on_redis_error,
-                                    rl.timeout_s)
+                                    rl.timeout_s, password=self._redis_password,
+                                    ca_file=rl.redis_ca_file)
         self._keys_task = asyncio.create_task(self._watch_keys(), name="keys-watch")
         if self.keys_mirror is not None:
             self._mirror_task = asyncio.create_task(self.keys_mirror.run(self.keys),

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import redis
 
 from tests.support.gateway import GatewayHandle, start_gateway
 from tests.support.procs import PYTHON, Proc, free_port
+from tests.support.redis_server import RedisServer
 
 
 @dataclass
@@ -94,23 +92,22 @@ def _reset_backends(request):
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """A real redis-server on loopback, started and stopped by PID."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is missing: run `make deps` (Debian package redis-server)")
-    tmp = tmp_path_factory.mktemp("redis")
+    """A real redis-server on loopback (plain, no password), started and stopped by PID."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory):
+    """moto's AWS emulator on loopback (SNS, SQS, SSM ...), for tests that call AWS APIs."""
+    tmp = tmp_path_factory.mktemp("moto")
     port = free_port()
-    proc = Proc("redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no", "--dir", str(tmp)], tmp / "redis.log")
-    url = f"redis://127.0.0.1:{port}/0"
-
-
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    yield url
-    proc.stop()
+    proc = Proc("moto", [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                tmp / "moto.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_http(f"{url}/moto-api/", timeout=60)
+        yield url
+    finally:
+        proc.stop()

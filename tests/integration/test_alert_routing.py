@@ -29,7 +29,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from monitoring.render import render_alertmanager, render_config
-from tests.support.procs import PYTHON, Proc, free_port, wait_until
+from tests.support.procs import Proc, free_port, wait_until
 
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 AMTOOL = shutil.which("amtool")
@@ -79,20 +79,6 @@ def amtool_alert_add(am_url: str, tmp: Path, *labels: str, summary: str) -> None
 
 
 # ------------------------------------------------------------------ SNS through moto
-
-
-@pytest.fixture(scope="module")
-def moto_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("moto")
-    port = free_port()
-    proc = Proc("moto", [PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                tmp / "moto.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        proc.wait_http(f"{url}/moto-api/", timeout=60)
-        yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture()

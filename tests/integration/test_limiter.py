@@ -217,3 +217,21 @@ def test_a_settlement_reaches_redis_by_itself_and_at_close(redis_server):
     alone, at_close = asyncio.run(go())
     assert alone is None, "a settlement with no traffic after it never reached Redis"
     assert at_close is None, "close() dropped a settlement that was waiting to be sent"
+
+
+def test_a_failure_that_is_not_an_outage_answers_the_caller_instead_of_hanging(redis_server):
+    """Whatever breaks inside a pipeline call, the requests waiting on it get an answer."""
+    async def go():
+        lim = RedisLimiter(redis_server, 60, 60, fail_open=True, timeout_s=5.0)
+
+        async def broken(batch):
+            raise ValueError("a reply the client library could not parse")
+
+        lim._batch._pipeline = broken
+        try:
+            await asyncio.wait_for(lim.acquire(budget(), rid(), 1), 5)
+        finally:
+            await lim.close()
+
+    with pytest.raises(ValueError, match="could not parse"):
+        asyncio.run(go())

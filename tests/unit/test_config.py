@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,57 @@ def test_missing_file_and_bad_yaml_say_what_to_do(tmp_path):
         load_config(tmp_path / "nope.yml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "models: [\n"))
+
+
+RL_SECRET = "hunter2-not-logged"
+
+
+@pytest.mark.parametrize("url", [f"rediss://:{RL_SECRET}@cache.internal:6379/0",
+                                 f"rediss://default:{RL_SECRET}@cache.internal/0",
+                                 f"unix://:{RL_SECRET}@/run/redis.sock"])
+def test_a_password_in_redis_url_is_refused_without_echoing_it(tmp_path, url):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, {**GOOD, "rate_limit": {"redis_url": url}}))
+    msg = str(e.value)
+    assert "rate_limit.redis_url" in msg and "redis_password_file" in msg
+    assert "redis_password_ssm_parameter" in msg
+    assert RL_SECRET not in msg
+
+
+@pytest.mark.parametrize("query", ["?ssl_cert_reqs=none", f"?password={RL_SECRET}",
+                                   "?ssl_check_hostname=false", "#x"])
+def test_redis_url_options_are_refused_so_none_can_turn_tls_checks_off(tmp_path, query):
+    url = "rediss://cache.internal:6379/0" + query
+    with pytest.raises(ConfigError, match=r"rate_limit\.redis_url.*query string") as e:
+        load_config(write(tmp_path, {**GOOD, "rate_limit": {"redis_url": url}}))
+    assert RL_SECRET not in str(e.value)
+
+
+@pytest.mark.parametrize("rate_limit, says", [
+    ({"redis_url": "redis://10.0.0.5:6379/0", "redis_ca_file": "ca.pem"},
+     "redis_ca_file is only used with TLS"),
+    ({"redis_ca_file": "ca.pem"}, "redis_ca_file is set but redis_url is not"),
+    ({"redis_password_file": "pw"}, "redis_password_file is set but redis_url is not"),
+    ({"redis_url": "rediss://c:6379", "redis_password_file": "pw",
+      "redis_password_ssm_parameter": "/llm/redis"}, "not both"),
+    ({"redis_url": "rediss://c:6379", "redis_password_ssm_parameter": "bad name!"},
+     "rate_limit.redis_password_ssm_parameter"),
+    ({"redis_url": "rediss://c:6379", "redis_password": "x"},
+     "rate_limit.redis_password: unknown field"),
+])
+def test_redis_tls_and_auth_settings_that_do_not_fit_are_refused(tmp_path, rate_limit, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(write(tmp_path, {**GOOD, "rate_limit": rate_limit}))
+
+
+def test_redis_ca_and_password_files_resolve_next_to_the_config(tmp_path):
+    cfg = load_config(write(tmp_path, {**GOOD, "rate_limit": {
+        "redis_url": "rediss://cache.internal:6379/0", "redis_ca_file": "tls/ca.pem",
+        "redis_password_file": "/etc/llm-gateway/redis-password"}}))
+    assert cfg.rate_limit.redis_ca_file == tmp_path / "tls" / "ca.pem"
+    assert cfg.rate_limit.redis_password_file == Path("/etc/llm-gateway/redis-password")
+    assert cfg.keys_file == tmp_path / "keys.json"
+    ssm = load_config(write(tmp_path, {**GOOD, "rate_limit": {
+        "redis_url": "rediss://cache.internal:6379/0",
+        "redis_password_ssm_parameter": "arn:aws:ssm:eu-west-1:123456789012:parameter/llm/x"}}))
+    assert ssm.rate_limit.redis_ca_file is None
