@@ -14,11 +14,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import grp
 import logging
 import os
 import ssl
 import stat
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -253,3 +256,54 @@ def _tls_refusal(e: BaseException) -> str | None:
             return e.verify_message or "certificate verify failed"
         e = e.__cause__ or e.__context__
     return None
+
+
+def save_ssm_password(name: str, dest: Path, group: str) -> bool:
+    """Deploy time, as root on the host: the SSM password into the file the gateway reads
+    (root:<group>, 0640, written atomically). The gateway's own sandbox reaches neither SSM
+    nor the instance's credentials, so this runs outside it. True when the file changed."""
+    password = _read_ssm_parameter(name)
+    gid = grp.getgrnam(group).gr_gid
+    try:
+        st = dest.stat()
+        if (dest.read_text().rstrip("\r\n") == password and stat.S_IMODE(st.st_mode) == 0o640
+                and (st.st_uid, st.st_gid) == (os.geteuid(), gid)):
+            return False
+    except FileNotFoundError:
+        pass
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchown(fd, os.geteuid(), gid)
+        os.fchmod(fd, 0o640)
+        os.write(fd, password.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dest)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m app.redis_client",
+        description="save-ssm-password NAME FILE --group G: the shared cache's password from "
+        "SSM (instance role, AWS_REGION) into FILE; prints changed or unchanged")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    save = sub.add_parser("save-ssm-password")
+    save.add_argument("name")
+    save.add_argument("file", type=Path)
+    save.add_argument("--group", required=True)
+    args = ap.parse_args(argv)
+    try:
+        changed = save_ssm_password(args.name, args.file, args.group)
+    except (ConfigError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("changed" if changed else "unchanged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

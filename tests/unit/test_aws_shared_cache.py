@@ -142,6 +142,18 @@ def test_the_gateway_config_gets_the_shared_cache_and_the_app_accepts_it(paths, 
     assert yaml.safe_load(cfg.read_text())["rate_limit"]["redis_url"] == (
         f"rediss://{ENDPOINT}:6379")
     assert load_config(cfg).rate_limit.redis_url == f"rediss://{ENDPOINT}:6379"
+    # the password: a file the role saves from SSM before the gateway starts (the gateway's
+    # sandbox cannot reach SSM), never the parameter itself in the gateway's config
+    rl = load_config(cfg).rate_limit
+    assert rl.redis_password_file == Path("/etc/llm-gateway/redis-password")
+    assert rl.redis_password_ssm_parameter is None
+    tasks = yaml.safe_load((ROLES / "gateway/tasks/main.yml").read_text())
+    names = [t["name"] for t in tasks]
+    save = tasks[names.index("The shared cache's password, from SSM with the instance role")]
+    assert save["ansible.builtin.command"]["argv"][3:6] == [
+        "save-ssm-password", "{{ gateway_redis_auth_ssm_parameter }}",
+        "{{ gateway_redis_password_file }}"]
+    assert names.index(save["name"]) < names.index("Gateway enabled and running")
     # and its unit may reach the cache's subnets, besides loopback
     allowed = unit(gateway_ip_allow=gv["gateway_ip_allow"])["IPAddressAllow"].split()
     assert allowed == ["localhost", *CACHE_SUBNETS]

@@ -109,3 +109,35 @@ def test_without_aws_credentials_the_ssm_read_says_so(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="/llm-stack/x: SSM could not be asked: "
                                           "Unable to locate credentials"):
         from_ssm("/llm-stack/x")
+
+
+def test_deploy_time_saves_the_ssm_password_where_the_sandboxed_gateway_reads_it(ssm, tmp_path,
+                                                                                 capsys):
+    """The gateway unit reaches neither SSM nor the instance's credentials: Ansible runs
+    `python -m app.redis_client save-ssm-password` on the host first, and the gateway reads the
+    file (root:<group>, 0640), as its own password-file checks accept."""
+    import grp
+    import os
+    import stat
+
+    from app.redis_client import main
+
+    ssm.put_parameter(Name="/llm-stack/redis-auth", Value=SECRET, Type="SecureString")
+    dest, group = tmp_path / "redis-password", grp.getgrgid(os.getegid()).gr_name
+    args = ["save-ssm-password", "/llm-stack/redis-auth", str(dest), "--group", group]
+    assert main(args) == 0 and capsys.readouterr().out == "changed\n"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640 and dest.stat().st_gid == os.getegid()
+    assert from_file(dest) == SECRET
+    assert main(args) == 0 and capsys.readouterr().out == "unchanged\n"
+    dest.chmod(0o644)  # a wrong mode is repaired, not kept
+    assert main(args) == 0 and capsys.readouterr().out == "changed\n"
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o640
+    ssm.put_parameter(Name="/llm-stack/redis-auth", Value=SECRET + "-2", Type="SecureString",
+                      Overwrite=True)
+    assert main(args) == 0 and capsys.readouterr().out == "changed\n"
+    assert from_file(dest) == SECRET + "-2"
+    # a refusal names the parameter, never a secret, and leaves the file as it was
+    assert main(["save-ssm-password", "/llm-stack/nope", str(dest), "--group", group]) == 1
+    err = capsys.readouterr().err
+    assert "/llm-stack/nope: SSM refused to read it" in err and SECRET not in err
+    assert from_file(dest) == SECRET + "-2"
