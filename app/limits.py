@@ -10,6 +10,8 @@ the request never produced a result, and always frees the concurrency slot.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -283,7 +285,6 @@ class _Batcher:
         self.pending: list[tuple[str, list, list, asyncio.Future | None]] = []
         self.settling: list[tuple[str, list, list, None]] = []
         self.timer: asyncio.TimerHandle | None = None
-        self.shas: dict[str, str] = {}
 
     def call(self, script: str, keys: list, args: list) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -319,8 +320,9 @@ class _Batcher:
     async def _send(self, batch) -> None:
         try:
             results = await self._pipeline(batch)
-            if any(isinstance(r, NoScriptError) for r in results):  # Redis restarted
-                self.shas.clear()
+            if any(isinstance(r, NoScriptError) for r in results):  # new or restarted Redis
+                for script in {script for script, *_ in batch}:
+                    await self.redis.script_load(script)
                 results = await self._pipeline(batch)
         except (RedisError, OSError) as e:
             results = [e] * len(batch)
@@ -345,13 +347,17 @@ class _Batcher:
                 fut.set_result(r)
 
     async def _pipeline(self, batch) -> list:
-        for script, *_ in batch:
-            if script not in self.shas:
-                self.shas[script] = await self.redis.script_load(script)
         pipe = self.redis.pipeline(transaction=False)
         for script, keys, args, _ in batch:
-            pipe.evalsha(self.shas[script], len(keys), *keys, *args)
+            pipe.evalsha(_sha(script), len(keys), *keys, *args)
         return await pipe.execute(raise_on_error=False)
+
+
+@functools.cache
+def _sha(script: str) -> str:
+    """What EVALSHA names a script by: its SHA-1, known without asking Redis, so concurrent
+    pipelines share no state that one reloading the scripts could pull from under another."""
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
 
 
 # tasks that must not be garbage-collected while they run
