@@ -189,7 +189,8 @@ def _read_ssm_parameter(name: str) -> str:
                     retries={"mode": "standard", "max_attempts": 3})
     with _quiet_aws_sdk():
         try:
-            client = boto3.client("ssm", region_name=region, config=config)
+            # a session of its own: nothing cached process-wide decides whose credentials
+            client = boto3.session.Session().client("ssm", region_name=region, config=config)
             parameter = client.get_parameter(Name=name, WithDecryption=True)["Parameter"]
         except ClientError as e:
             err = e.response.get("Error", {})
