@@ -170,7 +170,7 @@ class KeysS3Config(_Strict):
     url: str = Field(description="s3://<bucket>/<key> of the hashed keys object")
     region: str | None = Field(
         default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d$",
-        description="the bucket's region (default: the AWS SDK's, e.g. AWS_REGION)")
+        description="the bucket's region (default: the AWS SDK's, e.g. AWS_DEFAULT_REGION)")
     poll_interval_s: float = Field(
         default=5.0, gt=0, le=300,
         description="ask S3 whether the object changed this often (a conditional GET: an "

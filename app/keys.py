@@ -438,7 +438,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the deployment's shared keys object in S3 (written with your AWS credentials)",
     )
     p.add_argument("--region", default=None,
-                   help="region of the --store bucket (default: the AWS SDK's, e.g. AWS_REGION)")
+                   help="region of the --store bucket (default: the AWS SDK's, "
+                        "e.g. AWS_DEFAULT_REGION)")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="create a key and print it once")
     c.add_argument("name")

@@ -183,7 +183,8 @@ def _read_ssm_parameter(name: str) -> str:
     from botocore.exceptions import BotoCoreError, ClientError
 
     where = f"rate_limit.redis_password_ssm_parameter {name}"
-    # an ARN names its region; a plain name uses the usual chain (AWS_REGION, the instance's)
+    # an ARN names its region; a plain name uses the SDK's chain (AWS_DEFAULT_REGION, then
+    # the instance metadata's; botocore does not read AWS_REGION)
     region = name.split(":")[3] if name.startswith("arn:") and name.count(":") >= 5 else None
     config = Config(connect_timeout=_SSM_TIMEOUT_S, read_timeout=_SSM_TIMEOUT_S,
                     retries={"mode": "standard", "max_attempts": 3})
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m app.redis_client",
         description="save-ssm-password NAME FILE --group G: the shared cache's password from "
-        "SSM (instance role, AWS_REGION) into FILE; prints changed or unchanged")
+        "SSM (instance role, AWS_DEFAULT_REGION) into FILE; prints changed or unchanged")
     sub = ap.add_subparsers(dest="cmd", required=True)
     save = sub.add_parser("save-ssm-password")
     save.add_argument("name")

@@ -161,8 +161,9 @@ def variables(models: list[declaration.ModelSpec]) -> dict:
     return resolve(v)
 
 
-def ensure_tls(tls_dir: Path = TLS) -> None:
-    """A local CA and a localhost certificate it signs (clients verify against ca.crt)."""
+def ensure_tls(tls_dir: Path = TLS, addresses: tuple[str, ...] = ()) -> None:
+    """A local CA and a certificate it signs for localhost, 127.0.0.1 and `addresses`
+    (clients verify against ca.crt)."""
     if (tls_dir / "server.crt").exists() and (tls_dir / "ca.crt").exists():
         return
     say("making a local CA and a certificate for localhost")
@@ -178,8 +179,9 @@ def ensure_tls(tls_dir: Path = TLS) -> None:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    names = ",".join(["DNS:localhost", "IP:127.0.0.1", *(f"IP:{a}" for a in addresses)])
     (tls_dir / "server.ext").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        f"subjectAltName={names}\nbasicConstraints=CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", "server.crt", "-days", "397", "-extfile", "server.ext")

@@ -129,6 +129,16 @@ def test_without_a_store_the_role_renders_todays_config_and_unit(tmp_path):
     assert loaded.keys_s3 is None and loaded.keys_file == Path("/etc/llm-gateway/keys.json")
     service, text = unit_service()
     assert "StateDirectory" not in service and "169.254.169.254" not in text
+    # on AWS the SDK finds the region and the instance role itself: no AWS variable is set
+    assert "Environment=AWS_" not in text
+
+
+def test_an_aws_environment_reaches_the_unit_one_variable_a_line():
+    env = {"AWS_ENDPOINT_URL": "http://10.0.0.1:5000", "AWS_ACCESS_KEY_ID": "testing"}
+    service, text = unit_service(gateway_keys_s3_url=STORE, gateway_aws_env=env)
+    lines = [x for x in text.splitlines() if x.startswith("Environment=AWS_")]
+    assert lines == ["Environment=AWS_ACCESS_KEY_ID=testing",
+                     "Environment=AWS_ENDPOINT_URL=http://10.0.0.1:5000"]
 
 
 @pytest.mark.parametrize("store, refused", [(STORE, True), (None, False)])
