@@ -149,3 +149,23 @@ def test_the_role_refuses_a_listener_on_names_or_wildcards(allow, listen, ok):
     passed = all(ansible_eval.role_value("nginx", "{{ (" + cond + ") | bool }}", **host)
                  for cond in check["ansible.builtin.assert"]["that"])
     assert passed is ok
+
+
+def _terraform_default_metrics_ports(path: Path) -> dict[str, int]:
+    text = path.read_text()
+    block = text[text.index('variable "metrics_ports"'):]
+    default = re.search(r"default = \{(.*?)\}", block, re.S).group(1)
+    return {k: int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", default)}
+
+
+def test_one_port_for_the_listener_the_firewall_the_scrapes_and_the_security_group():
+    nginx = yaml.safe_load((ROLES / "nginx" / "defaults" / "main.yml").read_text())
+    group_vars = yaml.safe_load((ROOT / "ansible/group_vars/all/main.yml").read_text())
+    common = yaml.safe_load((ROLES / "common" / "defaults" / "main.yml").read_text())
+    port = nginx["nginx_metrics_port"]
+    assert port == group_vars["nginx_metrics_port"] == 9180
+    # the firewall follows the site-wide setting; the role's own default names the same port
+    assert group_vars["common_metrics_ports"][-1] == "{{ nginx_metrics_port }}"
+    assert port in common["common_metrics_ports"]
+    for tf in (ROOT / "terraform/variables.tf", ROOT / "terraform/modules/security/variables.tf"):
+        assert _terraform_default_metrics_ports(tf).get("metrics_listener") == port, tf
