@@ -401,7 +401,7 @@ def host() -> dict[str, Any]:
             (f'sum by (host, device) (rate(node_network_transmit_bytes_total{{{s}, '
              f'device!="lo"}}[{RATE}]))', "{{host}} {{device}} out")), "Bps"),
         timeseries("Scrape targets up", targets((
-            f"up{{{s}}}", "{{job}} {{instance}}")), "short",
+            f"up{{{s}}}", "{{host}} {{job}} {{model}}")), "short",
             "1 per target Prometheus reaches (InstanceDown, ModelBackendDown).", min_=0, max_=1),
     ]
     return dashboard(

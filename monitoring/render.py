@@ -23,7 +23,7 @@ ROOT = declaration.ROOT
 TEMPLATE = "monitoring/prometheus.yml.j2"
 ALERTMANAGER_TEMPLATE = "monitoring/alertmanager.yml.j2"
 RULES_DIR = ROOT / "monitoring" / "rules"
-LOCAL_HOST = {"name": "local", "address": "127.0.0.1", "gpu": False}
+LOCAL_HOST = {"name": "local", "address": "127.0.0.1", "gpu": False, "local": True}
 
 
 def variables(targets: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:

@@ -157,6 +157,8 @@ def variables(models: list[declaration.ModelSpec]) -> dict:
         "nginx_key_file": str(TLS / "server.key"),
         "nginx_access_log": str(LOGS / "nginx-access.log"),
         "nginx_error_log": str(LOGS / "nginx-error.log"),
+        # one host, and its Prometheus scrapes it on loopback: no metrics listener
+        "nginx_metrics_allow": [],
     })
     return resolve(v)
 

@@ -148,10 +148,11 @@ variable "api_allowed_cidrs" {
 
 variable "metrics_ports" {
   type        = map(number)
-  description = "Exporter ports on the hosts that only the monitoring security group may reach, by exporter."
+  description = "Metrics ports on the hosts that only the monitoring security group may reach, by name: the exporters, and nginx's metrics listener (metrics_listener, the Ansible nginx_metrics_port: change both together) through which a Prometheus on another host scrapes the gateway and vLLM."
   default = {
-    node_exporter = 9100
-    dcgm_exporter = 9400
+    node_exporter    = 9100
+    dcgm_exporter    = 9400
+    metrics_listener = 9180
   }
 
   validation {

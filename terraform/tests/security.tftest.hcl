@@ -39,8 +39,8 @@ run "exporters_only_from_the_monitoring_group_and_the_gateway_never" {
   }
 
   assert {
-    condition     = toset([for r in values(aws_vpc_security_group_ingress_rule.host_metrics) : r.from_port]) == toset([9100, 9400])
-    error_message = "node_exporter (9100) and dcgm-exporter (9400) are the exposed metrics ports"
+    condition     = toset([for r in values(aws_vpc_security_group_ingress_rule.host_metrics) : r.from_port]) == toset([9100, 9400, 9180])
+    error_message = "node_exporter (9100), dcgm-exporter (9400) and nginx's metrics listener (9180) are the exposed metrics ports"
   }
   assert {
     condition = alltrue([
@@ -50,14 +50,23 @@ run "exporters_only_from_the_monitoring_group_and_the_gateway_never" {
     error_message = "metrics ports must be reachable from the monitoring security group only"
   }
   assert {
-    # the whole set of ports the hosts accept: SSH, HTTPS, the two exporters; 8080 (gateway)
-    # and 8000+ (vLLM) stay on loopback behind nginx
+    # the whole set of ports the hosts accept: SSH, HTTPS, the two exporters and nginx's
+    # metrics listener; 8080 (gateway) and 8000+ (vLLM) stay on loopback behind nginx
     condition = toset(flatten([
       [for r in values(aws_vpc_security_group_ingress_rule.host_ssh) : r.from_port],
       [for r in values(aws_vpc_security_group_ingress_rule.host_https) : r.from_port],
       [for r in values(aws_vpc_security_group_ingress_rule.host_metrics) : r.from_port],
-    ])) == toset([22, 443, 9100, 9400])
-    error_message = "the hosts must accept 22, 443, 9100 and 9400 only"
+    ])) == toset([22, 443, 9100, 9400, 9180])
+    error_message = "the hosts must accept 22, 443, 9100, 9400 and 9180 only"
+  }
+  assert {
+    # a Prometheus on one host reaches its peers' listener: the monitoring group may send there
+    condition = (
+      aws_vpc_security_group_ingress_rule.host_metrics["metrics_listener"].from_port == 9180 &&
+      aws_vpc_security_group_egress_rule.monitoring_scrape["metrics_listener"].to_port == 9180 &&
+      aws_vpc_security_group_egress_rule.monitoring_scrape["metrics_listener"].referenced_security_group_id == aws_security_group.host.id
+    )
+    error_message = "the monitoring group must reach nginx's metrics listener (9180) on the hosts, and only there"
   }
   assert {
     condition     = length(aws_security_group.load_balancer) == 0 && length(aws_vpc_security_group_ingress_rule.host_https) == 1

@@ -27,7 +27,8 @@ def start_edge(tmp, upstream_port: int | str, **overrides):
                  "nginx_key_file": str(tmp / "tls/server.key"),
                  "nginx_access_log": str(tmp / "access.log"),
                  "nginx_error_log": str(tmp / "error.log"), "nginx_rate_per_ip": "5r/s",
-                 "nginx_burst": 5, "nginx_client_max_body_size": "1m", **overrides})
+                 "nginx_burst": 5, "nginx_client_max_body_size": "1m",
+                 "nginx_metrics_allow": [], **overrides})
     site = tmp / "llm-api.conf"
     write(site, render("ansible/roles/nginx/templates/llm-api.conf.j2", v))
     main = tmp / "nginx.conf"

@@ -168,20 +168,37 @@ def test_grafana_is_on_by_default_on_loopback_with_no_password_in_the_defaults()
 
 def test_default_targets_scrape_prometheus_own_host_on_loopback():
     assert role_vars(SAME_HOST)["monitoring_targets"] == [
-        {"name": "gpu1", "address": "127.0.0.1", "gpu": True}]
+        {"name": "gpu1", "address": "127.0.0.1", "gpu": True, "local": True}]
 
 
-def test_default_targets_of_a_separate_host_use_ansible_host_then_the_inventory_name():
+def test_default_targets_of_peers_use_the_private_address_then_ansible_host_then_the_name():
     ctx = inventory_context("mon1", {
-        "gpu1": {"ansible_host": "10.0.1.10", "gpu_enabled": True},
-        "gpu2": {"ansible_host": "10.0.1.11", "gpu_enabled": "false"},
+        "gpu1": {"ansible_host": "203.0.113.10", "aws_private_ip": "10.0.1.10",
+                 "gpu_enabled": True},
+        "gpu2": {"ansible_host": "10.0.1.11", "aws_private_ip": "", "gpu_enabled": "false"},
         "gpu3": {},
     })
     assert role_vars(ctx)["monitoring_targets"] == [
-        {"name": "gpu1", "address": "10.0.1.10", "gpu": True},
-        {"name": "gpu2", "address": "10.0.1.11", "gpu": False},
-        {"name": "gpu3", "address": "gpu3", "gpu": True},
+        {"name": "gpu1", "address": "10.0.1.10", "gpu": True, "local": False},
+        {"name": "gpu2", "address": "10.0.1.11", "gpu": False, "local": False},
+        {"name": "gpu3", "address": "gpu3", "gpu": True, "local": False},
     ]
+
+
+# two GPU hosts as `make inventory` writes them: public ansible_host, private aws_private_ip,
+# Prometheus on the first
+TWO_HOSTS = inventory_context("gpu1", {
+    "gpu1": {"ansible_host": "203.0.113.10", "aws_private_ip": "10.0.1.10", "gpu_enabled": True},
+    "gpu2": {"ansible_host": "203.0.113.11", "aws_private_ip": "10.0.1.11", "gpu_enabled": True},
+})
+
+
+def test_the_listener_port_is_the_nginx_setting_the_group_vars_give_every_play():
+    group_vars = load_yaml(ROOT / "ansible" / "group_vars" / "all" / "main.yml")
+    assert role_vars(TWO_HOSTS)["monitoring_metrics_listener_port"] == 9180
+    assert role_vars({**TWO_HOSTS, "nginx_metrics_port": 9999})[
+        "monitoring_metrics_listener_port"] == 9999
+    assert group_vars["nginx_metrics_port"] == 9180
 
 
 # ------------------------------------------------------------------ rendered files
@@ -212,12 +229,50 @@ def test_scrape_config_uses_the_role_ports_and_rule_folder(rules_dir):
     assert targets["vllm"] == [f"127.0.0.1:{m['port']}" for m in models]
 
 
+def scrape_jobs(config: str) -> dict[str, list[tuple[str, dict]]]:
+    """{job: [(target, labels)]} of a rendered scrape config."""
+    cfg = yaml.safe_load(config)
+    return {j["job_name"]: [(t, sc.get("labels", {})) for sc in j["static_configs"]
+                            for t in sc["targets"]]
+            for j in cfg["scrape_configs"]}
+
+
+def test_peers_are_scraped_at_their_private_address_and_their_gateway_and_vllm_through_nginx(
+        rules_dir):
+    jobs = scrape_jobs(render_scrape_config(role_vars(TWO_HOSTS,
+                                                      monitoring_rules_dir=str(rules_dir))))
+    models = load_yaml(MODELS_FILE)["llm_models"]
+    assert jobs["gateway"] == [
+        ("127.0.0.1:8080", {"host": "gpu1"}),
+        ("10.0.1.11:9180", {"host": "gpu2", "__metrics_path__": "/gateway/metrics"})]
+    assert jobs["vllm"] == [
+        *[(f"127.0.0.1:{m['port']}",
+           {"host": "gpu1", "model": m["name"], "task": m.get("task", "generate")})
+          for m in models],
+        *[("10.0.1.11:9180",
+           {"host": "gpu2", "model": m["name"], "task": m.get("task", "generate"),
+            "__metrics_path__": f"/vllm/{m['name']}/metrics"}) for m in models]]
+    # the exporters of the peer: its private address, their own ports, their default path
+    assert jobs["node"] == [("127.0.0.1:9100", {"host": "gpu1"}),
+                            ("10.0.1.11:9100", {"host": "gpu2"})]
+    assert jobs["dcgm"] == [("127.0.0.1:9400", {"host": "gpu1"}),
+                            ("10.0.1.11:9400", {"host": "gpu2"})]
+    # the firewall drops scrapes from outside the VPC: never a public address
+    assert "203.0.113" not in render_scrape_config(role_vars(TWO_HOSTS))
+
+
+def test_a_single_host_scrapes_everything_on_loopback_without_the_listener(rules_dir):
+    config = render_scrape_config(role_vars(SAME_HOST, monitoring_rules_dir=str(rules_dir)))
+    assert "__metrics_path__" not in config and ":9180" not in config
+
+
 @needs_promtool
 @pytest.mark.parametrize("context", [
     SAME_HOST,
+    TWO_HOSTS,
     inventory_context("mon1", {"gpu1": {"ansible_host": "10.0.1.10", "gpu_enabled": False},
                                "gpu2": {"ansible_host": "10.0.1.11"}}),
-], ids=["prometheus-on-the-gpu-host", "separate-host-mixed-gpus"])
+], ids=["prometheus-on-the-gpu-host", "two-gpu-hosts", "separate-host-mixed-gpus"])
 def test_promtool_accepts_the_rendered_scrape_config_and_its_rules(context, rules_dir, tmp_path):
     config = tmp_path / "prometheus.yml"
     config.write_text(render_scrape_config(role_vars(context,

@@ -47,16 +47,21 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_scrape_config_has_one_vllm_target_per_declared_model_and_host():
+    # targets without `local` (a hand-written list): loopback is Prometheus' own host, any
+    # other address a peer, whose gateway and vLLM answer through its nginx metrics listener
     cfg = yaml.safe_load(render_config(GPU_HOSTS))
     jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
     assert set(jobs) == {"prometheus", "gateway", "vllm", "node", "dcgm"}
-    vllm = [(sc["labels"]["host"], sc["labels"]["model"], sc["targets"][0])
+    vllm = [(sc["labels"]["host"], sc["labels"]["model"], sc["targets"][0],
+             sc["labels"].get("__metrics_path__"))
             for sc in jobs["vllm"]["static_configs"]]
     models = declaration.load()
-    assert vllm == [(h["name"], m.name, f"{h['address']}:{m.port}")
-                    for h in GPU_HOSTS for m in models]
-    assert [sc["targets"] for sc in jobs["gateway"]["static_configs"]] == [
-        ["127.0.0.1:8080"], ["10.0.1.11:8080"]]
+    assert vllm == [
+        *[("gpu1", m.name, f"127.0.0.1:{m.port}", None) for m in models],
+        *[("gpu2", m.name, "10.0.1.11:9180", f"/vllm/{m.name}/metrics") for m in models]]
+    assert [(sc["targets"], sc["labels"].get("__metrics_path__"))
+            for sc in jobs["gateway"]["static_configs"]] == [
+        (["127.0.0.1:8080"], None), (["10.0.1.11:9180"], "/gateway/metrics")]
     assert [sc["targets"] for sc in jobs["dcgm"]["static_configs"]] == [
         ["127.0.0.1:9400"], ["10.0.1.11:9400"]]
     assert [sc["targets"] for sc in jobs["node"]["static_configs"]] == [

@@ -32,7 +32,8 @@ def site(tmp: Path, **overrides) -> str:
         "nginx_cert_file": str(tmp / "tls/server.crt"),
         "nginx_key_file": str(tmp / "tls/server.key"),
         "nginx_access_log": str(tmp / "access.log"), "nginx_error_log": str(tmp / "error.log"),
-        **overrides}))
+        # one host: no metrics listener (its allow list needs an inventory to derive)
+        "nginx_metrics_allow": [], **overrides}))
 
 
 def server_directives(text: str) -> list[str]:

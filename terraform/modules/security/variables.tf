@@ -44,10 +44,11 @@ variable "api_allowed_cidrs" {
 
 variable "metrics_ports" {
   type        = map(number)
-  description = "Exporter ports on the GPU hosts that only members of the monitoring security group may reach, by exporter name."
+  description = "Metrics ports on the GPU hosts that only members of the monitoring security group may reach, by name: the exporters, and nginx's metrics listener (metrics_listener, the Ansible nginx_metrics_port) through which a Prometheus on another host scrapes the gateway and vLLM."
   default = {
-    node_exporter = 9100
-    dcgm_exporter = 9400
+    node_exporter    = 9100
+    dcgm_exporter    = 9400
+    metrics_listener = 9180
   }
 
   validation {
