@@ -193,6 +193,15 @@ TWO_HOSTS = inventory_context("gpu1", {
 })
 
 
+def test_the_default_targets_pass_the_roles_own_argument_check():
+    """Ansible checks monitoring_targets against the spec's suboptions before the role runs:
+    a field the default gives but the spec lacks stops every deploy there."""
+    allowed = spec_options()["monitoring_targets"]["options"]
+    for target in role_vars(TWO_HOSTS)["monitoring_targets"]:
+        assert set(target) <= set(allowed), set(target) - set(allowed)
+        assert {n for n, o in allowed.items() if o.get("required")} <= set(target)
+
+
 def test_the_listener_port_is_the_nginx_setting_the_group_vars_give_every_play():
     group_vars = load_yaml(ROOT / "ansible" / "group_vars" / "all" / "main.yml")
     assert role_vars(TWO_HOSTS)["monitoring_metrics_listener_port"] == 9180
