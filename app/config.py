@@ -201,8 +201,9 @@ class GatewayConfig(_Strict):
         description="largest non-streaming backend answer held in memory (502 above it)")
     drain_notice_s: float = Field(
         default=5.0, ge=0,
-        description="after SIGTERM, /ready answers 503 this long while requests are still "
-        "served, so load balancers take the host out before the listener closes",
+        description="after SIGTERM or SIGUSR1 (drain), /ready answers 503 this long while "
+        "requests are still served, so load balancers take the host out before the listener "
+        "closes or new requests are refused",
     )
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM grace for streams")
     # Longer than nginx's upstream keepalive_timeout (60 s) so that nginx, not the gateway,

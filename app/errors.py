@@ -40,3 +40,11 @@ def unauthorized(message: str) -> ApiError:
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code, param)
+
+
+def draining() -> ApiError:
+    """A new request while the host drains for a restart (SIGUSR1): nothing was done, so a
+    retry is safe, and behind a load balancer it reaches another host."""
+    return ApiError(503, "this host is draining for a restart and accepts no new requests; "
+                    "retry the request", "service_unavailable", "gateway_draining",
+                    headers={"retry-after": "5"})

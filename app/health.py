@@ -87,13 +87,15 @@ async def health() -> Response:
 
 @router.get("/ready", summary="Every required model's backend answers (503 otherwise)")
 async def ready(request: Request) -> Response:
+    """503 while draining too. `in_flight` (requests holding a model slot) and `accepting`
+    (false once a drain refuses new requests) let a rolling restart wait for an idle host;
+    `down` still tells whether the backends are up while the host is drained."""
     gw: Gateway = request.app.state.gw
-    if gw.draining:
-        return _json({"status": "draining", "models": {}}, 503)
     models = request.app.state.health.results
     down = [n for n, m in models.items() if m["required"] and m["status"] != "up"]
-    return _json({"status": "not_ready" if down else "ready", "down": down, "models": models},
-                 503 if down else 200)
+    status = "draining" if gw.draining else "not_ready" if down else "ready"
+    return _json({"status": status, "accepting": not gw.refusing, "in_flight": gw.in_flight,
+                  "down": down, "models": models}, 200 if status == "ready" else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app import admission, schemas
-from app.errors import ApiError, error_body, unauthorized
+from app.errors import ApiError, draining, error_body, unauthorized
 from app.keys import KeyRecord
 from app.limits import Budget, Decision, LimiterUnavailable
 from app.logs import log_request
@@ -167,6 +167,8 @@ async def list_models(request: Request) -> Response:
     gw: Gateway = request.app.state.gw
     ex = Exchange(gw, request, "models")
     try:
+        if gw.refusing:
+            raise draining()
         ex.key = authenticate(gw, request)
     except ApiError as e:
         resp = ex.fail(e)
@@ -217,6 +219,8 @@ def _backend_failure(ex: Exchange, e: BackendError) -> ApiError:
 
 
 async def _proxy(gw: Gateway, ex: Exchange, request: Request) -> Response:
+    if gw.refusing:  # drained: the cheap refusal, before any work (see also _admit)
+        raise draining()
     ex.key = authenticate(gw, request)
     ex.budget = Budget(ex.key.id, ex.key.rpm, ex.key.tpm, ex.key.max_concurrency)
     path, model_cls = _ENDPOINTS[ex.endpoint]
@@ -294,7 +298,12 @@ async def _admit(gw: Gateway, ex: Exchange, backend: Backend, wanted: int):
 
     The key comes first so a key over its budget never holds model slots (not even during
     the Redis round trip) that other keys' requests would then be refused for.
+    A request that began before a drain's notice ended but reaches this point after it is
+    refused too: so once the in-flight count (requests holding a slot) is 0, it stays 0, and
+    the backends may restart.
     """
+    if gw.refusing:
+        raise draining()
     decision = await _limiter_call(gw, gw.limiter.acquire(ex.budget, ex.rid, wanted))
     _refuse_if_limited(gw, ex, decision)
     if not backend.enter():  # checked and counted in one step: no await in between

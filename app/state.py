@@ -47,8 +47,11 @@ class Gateway:
             check_at_start(rl, self._redis_password)
         self.backends: dict[str, Backend] = {}
         self.limiter: Limiter | None = None
-        # /ready answers 503 from SIGTERM on, so load balancers stop sending first
+        # /ready answers 503 from SIGTERM or SIGUSR1 (a drain) on, so load balancers stop
+        # sending first; once the notice is over, `refusing` turns new API requests away with
+        # 503 (a drain's second step: under SIGTERM the listener closes instead)
         self.draining = False
+        self.refusing = False
         # the backend responses of open streams (SseRelay adds and removes them)
         self.streams: set[aiohttp.ClientResponse] = set()
         self._keys_task: asyncio.Task | None = None
@@ -76,6 +79,12 @@ class Gateway:
                 self.keys.check()
             except Exception:
                 log.exception("checking the keys file failed unexpectedly")
+
+    @property
+    def in_flight(self) -> int:
+        """Requests holding a model slot: every request past admission, a stream until its
+        last event. Once `refusing`, no request takes a slot, so this only falls."""
+        return sum(b.in_flight for b in self.backends.values())
 
     def end_streams(self) -> None:
         """The drain deadline: every open stream ends with an error event, not a cut."""

@@ -1,0 +1,57 @@
+"""The rolling playbooks take one host at a time out of the pool: drain, wait until idle,
+restart, models up, resume, /ready 200; a failure resumes the host and stops the play."""
+
+import pytest
+import yaml
+
+from stack.render import ROLES
+
+PLAYBOOKS = ROLES.parent / "playbooks"
+
+
+def _step(task: dict) -> str:
+    """What a task does, in the words of this test."""
+    role = task.get("ansible.builtin.include_role")
+    if role:
+        return f"{role['name']}:{role.get('tasks_from', 'main.yml')}"
+    if "ansible.builtin.systemd_service" in task:
+        unit = task["ansible.builtin.systemd_service"]
+        return f"{unit['state']}:{unit['name']}"
+    return next(k for k in task if k.startswith("ansible.builtin.")).rsplit(".", 1)[1]
+
+
+@pytest.mark.parametrize(("playbook", "restarts"), [
+    ("rolling_restart.yml", ["vllm:restart_all.yml", "restarted:gateway.service"]),
+    ("model_update.yml", ["vllm:main.yml", "gateway:main.yml"]),
+])
+def test_each_host_is_drained_idle_restarted_ready_and_resumed_before_the_next(playbook,
+                                                                               restarts):
+    [play] = yaml.safe_load((PLAYBOOKS / playbook).read_text())
+    assert play["serial"] == 1 and play["max_fail_percentage"] == 0
+    [host] = play["tasks"]
+    steps = [_step(t) for t in host["block"]]
+    if playbook == "model_update.yml":  # new weights are fetched while the host still serves
+        assert steps.pop(0) == "models:main.yml"
+    assert steps == ["gateway:drain.yml", *restarts, "gateway:rejoin.yml"]
+    # a failure anywhere in the block: the host resumes, and the play stops there
+    assert [_step(t) for t in host["rescue"]] == ["gateway:resume.yml", "fail"]
+
+
+def _tasks(name: str) -> list[dict]:
+    return yaml.safe_load((ROLES / "gateway" / "tasks" / name).read_text())
+
+
+def test_drain_signals_then_waits_for_the_notice_then_for_zero_in_flight():
+    tasks = _tasks("drain.yml")
+    signal = next(i for i, t in enumerate(tasks) if "SIGUSR1" in str(t))
+    notice = next(i for i, t in enumerate(tasks) if "accepting" in str(t.get("until")))
+    idle = next(i for i, t in enumerate(tasks) if "in_flight" in str(t.get("until")))
+    check = next(i for i, t in enumerate(tasks) if "ansible.builtin.assert" in t)
+    assert signal < notice < idle < check
+
+
+def test_rejoin_resumes_only_once_the_models_are_up_then_waits_for_ready():
+    steps = [(_step(t), str(t.get("until", ""))) for t in _tasks("rejoin.yml")]
+    assert [s for s, _ in steps] == ["uri", "include_tasks", "uri"]
+    assert "down" in steps[0][1] and "status == 200" in steps[2][1]
+    assert "SIGUSR2" in str(_tasks("resume.yml"))
