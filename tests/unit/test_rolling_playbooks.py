@@ -1,6 +1,11 @@
 """The rolling playbooks take one host at a time out of the pool: drain, wait until idle,
 restart, models up, resume, /ready 200; a failure resumes the host and stops the play."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -55,3 +60,18 @@ def test_rejoin_resumes_only_once_the_models_are_up_then_waits_for_ready():
     assert [s for s, _ in steps] == ["uri", "include_tasks", "uri"]
     assert "down" in steps[0][1] and "status == 200" in steps[2][1]
     assert "SIGUSR2" in str(_tasks("resume.yml"))
+
+
+def test_every_operations_playbook_sees_the_site_wide_variables(tmp_path):
+    """Ansible reads group_vars/ next to the inventory and next to the playbook: a playbook in
+    playbooks/ reaches ansible/group_vars (the model declaration, the site's ports) only
+    through the link there. Without it `llm_models` is undefined mid-roll."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible-inventory"), "-i", "somehost,",
+         "--playbook-dir", str(PLAYBOOKS), "--host", "somehost"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert [m["name"] for m in seen["llm_models"]], seen.keys()
+    assert "nginx_metrics_port" in seen
