@@ -15,8 +15,8 @@ import pytest
 
 from tests.infra import hosts as testhosts
 
-# More hosts (a separate monitoring host, a second GPU host) are added here.
-TEST_HOST_NAMES = ["gpu1"]
+# Two GPU hosts: the simulated deploy uses the first, the fleet tests both.
+TEST_HOST_NAMES = ["gpu1", "gpu2"]
 
 
 def _skip_reason() -> str | None:

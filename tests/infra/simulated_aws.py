@@ -89,6 +89,13 @@ def ansible_overrides(model_paths: dict[str, str]) -> dict:
     return found
 
 
+def fleet_overrides(endpoint: str) -> dict:
+    """The extra vars the two-host site.yml run adds (tests/infra/test_site_fleet.py)."""
+    found = {k: v["value"] for k, v in overrides()["fleet"].items()}
+    found["gateway_aws_env"] = {**found["gateway_aws_env"], "AWS_ENDPOINT_URL": endpoint}
+    return found
+
+
 def terraform_overrides() -> dict[str, object]:
     return {k: v["value"] for k, v in overrides()["terraform"].items()}
 

@@ -25,7 +25,7 @@ class RedisServer:
 
     folder: Path
     tls: Path | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a failure's text
     host: str = "127.0.0.1"
     binds: tuple[str, ...] = ("127.0.0.1",)
     port: int = field(default_factory=free_port)
