@@ -211,7 +211,10 @@ class Load:
 
     def _work(self) -> None:
         stream = False
-        with httpx.Client(timeout=120) as client:
+        # a connection per request: nginx, reloaded when a host leaves or rejoins, closes its
+        # idle keep-alive connections, and a request sent on one as it closes is lost without
+        # an answer (seen once); AWS's load balancer changes targets without that race
+        with httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             while not self._stop.is_set():
                 stream = not stream
                 try:
