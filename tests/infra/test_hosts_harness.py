@@ -140,23 +140,24 @@ def test_a_running_host_is_reused_not_restarted(gpu1):
     assert again.ssh("systemctl is-system-running", check=True).stdout.strip() == "running"
 
 
-def test_a_second_host_starts_from_the_cache(gpu1):
+def test_one_more_host_starts_from_the_cache(gpu1):
+    """A host beyond the session's (gpu1, gpu2): booted and stopped here."""
     assert testhosts.rootfs_is_cached()
     ready = testhosts.CACHE_DIR / testhosts.rootfs_key() / "READY"
     built = ready.stat().st_mtime
-    (gpu2,) = testhosts.start_hosts(["gpu2"])
+    (extra,) = testhosts.start_hosts(["gpu3"])
     try:
         assert ready.stat().st_mtime == built  # no second debootstrap
-        assert gpu2.address != gpu1.address
-        assert gpu2.ssh("systemctl is-system-running --wait", check=True).stdout.strip() == (
+        assert extra.started and extra.address != gpu1.address
+        assert extra.ssh("systemctl is-system-running --wait", check=True).stdout.strip() == (
             "running")
         # Test hosts share the test network (a monitoring host can scrape a GPU host) ...
-        reach = gpu2.ssh("timeout 5 bash -c '</dev/tcp/gpu1/22' && echo open").stdout
+        reach = extra.ssh("timeout 5 bash -c '</dev/tcp/gpu1/22' && echo open").stdout
         assert reach.strip() == "open"
         # ... and each one starts from a fresh copy of the pristine tree.
-        assert gpu2.ssh("command -v jq").returncode != 0
+        assert extra.ssh("command -v jq").returncode != 0
     finally:
-        if gpu2.started:
-            testhosts.stop_hosts([gpu2])
-    assert not Path("/run/netns", testhosts._netns("gpu2")).exists()
+        if extra.started:
+            testhosts.stop_hosts([extra])
+    assert not Path("/run/netns", testhosts._netns("gpu3")).exists()
 
