@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
+    """A port no socket uses on any address: nginx's site listens on all of them, and a port
+    free on loopback alone can be an SSH client's on the test-host bridge (seen: EADDRINUSE)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
