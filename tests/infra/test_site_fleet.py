@@ -53,12 +53,12 @@ def fleet_hosts(test_hosts, tmp_path_factory):
     hosts = dict(zip(NAMES, test_hosts[:2], strict=True))
     key = test_hosts[0].ssh_key
     public = (key.parent / f"{key.name}.pub").read_text()
-    aws = fleet.Aws(tmp, str(BIN / "python"))
     local.ensure_tls(tmp / "redis-tls", addresses=(fleet.BRIDGE,))
     password = secrets.token_urlsafe(24)
-    redis = fleet.shared_redis(tmp / "redis", tmp / "redis-tls", password)
-    lb = None
+    aws = fleet.Aws(tmp, str(BIN / "python"))
+    redis = lb = None
     try:
+        redis = fleet.shared_redis(tmp / "redis", tmp / "redis-tls", password)
         for h in hosts.values():
             sim.prepare_login(h, "ubuntu", public)
             fleet.trust_ca(h, (tmp / "redis-tls" / "ca.crt").read_text())
@@ -77,10 +77,9 @@ def fleet_hosts(test_hosts, tmp_path_factory):
         yield {"hosts": hosts, "aws": aws, "redis": redis, "lb": lb, "tmp": tmp,
                "inventory": inventory, "extra": extra, "converge": converge}
     finally:
-        if lb:
-            lb.stop()
-        redis.stop()
-        aws.stop()
+        for part in (lb, redis, aws):
+            if part:
+                part.stop()
 
 
 def keys_cli(f, *args: str) -> str:
