@@ -753,7 +753,8 @@ def _boot(name: str, address: str, pristine: Path, all_hosts: dict[str, str],
     return st
 
 
-def _wait_ready(st: dict, t_boot: float) -> None:
+def _wait_ready(st: dict, t_boot: float, up: tuple[str, ...] = ("running", "degraded")) -> None:
+    """Until SSH answers and `systemctl is-system-running` says one of `up`."""
     host = _host_from_state(st)
     name = st["name"]
     deadline = time.monotonic() + BOOT_TIMEOUT
@@ -774,7 +775,7 @@ def _wait_ready(st: dict, t_boot: float) -> None:
             ssh_up = time.monotonic()
             say(f"{name}: SSH accepts the key {ssh_up - t_boot:.1f}s after boot start")
         last = proc.stdout.strip()
-        if last in ("running", "degraded"):
+        if last in up:
             if last == "degraded":
                 failed = host.ssh("systemctl --failed --no-legend --plain").stdout.strip()
                 say(f"{name}: system degraded; failed units: {failed or '?'}")
@@ -858,7 +859,8 @@ def reboot_host(host: TestHost) -> TestHost:
     filesystem (its overlay keeps everything Ansible did), same address. systemd-nspawn run
     with --keep-unit ends with exit status 133 on a reboot instead of booting again itself
     (systemd-nspawn@.service restarts it on 133), so this plays that part: once the old
-    process is gone it boots the same tree again and waits until systemd is up."""
+    process is gone it boots the same tree again and waits until SSH answers
+    and systemd has left its early boot (its boot jobs may still be starting engines)."""
     with _locked(STATE_DIR / ".lock"):
         st = _read_state(host.name)
         if not _is_running(st):
@@ -881,7 +883,9 @@ def reboot_host(host: TestHost) -> TestHost:
                 start_new_session=True)
         st.update(pid=proc.pid, start=procs.start_time(proc.pid), booted_at=time.time())
         _state_path(host.name).write_text(json.dumps(st, indent=1) + "\n")
-        _wait_ready(st, t)
+        # "starting" counts: a deployed host's boot jobs include its engines, which start one
+        # after another for minutes; the caller watches them (seen: 180 s not enough in CI)
+        _wait_ready(st, t, up=("running", "degraded", "starting"))
     return _host_from_state(st, started=host.started)
 
 

@@ -223,6 +223,10 @@ class SlowLink:
             dst.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
+        # shutdown first: close() alone from this thread leaves the socket listening for as
+        # long as the accept thread sits in accept(), and it took a later test's connection
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
 
 
