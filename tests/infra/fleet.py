@@ -16,6 +16,7 @@ every difference:
 
 from __future__ import annotations
 
+import itertools
 import signal
 import ssl
 import threading
@@ -176,16 +177,21 @@ class LoadBalancer:
 
 class Load:
     """Clients that keep `workers` requests open through the load balancer until stopped: a
-    completion, then a stream read to its end, over and over. A request fails when its status
-    is not 200 or a stream ends without [DONE]."""
+    completion, a stream read to its end and, with `embed`, an embedding, over and over. A
+    request fails when its status is not 200 or a stream ends without [DONE]."""
 
-    def __init__(self, url: str, key: str, model: str, workers: int = 2):
-        self.url, self.key, self.model = url, key, model
+    def __init__(self, url: str, key: str, model: str, workers: int = 2,
+                 embed: str | None = None):
+        self.url, self.key = url, key
+        self.requests = [("completions", {"model": model, "prompt": "SELECT", "max_tokens": 8,
+                                          "stream": stream}) for stream in (False, True)]
+        if embed:
+            self.requests.append(("embeddings", {"model": embed, "input": "SELECT"}))
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, daemon=True)
-                         for _ in range(workers)]
+        self._threads = [threading.Thread(target=self._work, args=(i,), daemon=True)
+                         for i in range(workers)]
 
     def __enter__(self) -> Load:
         for t in self._threads:
@@ -197,28 +203,26 @@ class Load:
         for t in self._threads:
             t.join(timeout=120)
 
-    def _one(self, client: httpx.Client, stream: bool) -> str | None:
-        body = {"model": self.model, "prompt": "SELECT", "max_tokens": 8, "stream": stream}
+    def _one(self, client: httpx.Client, path: str, body: dict) -> str | None:
         headers = {"authorization": f"Bearer {self.key}"}
-        with client.stream("POST", f"{self.url}/v1/completions", json=body,
-                           headers=headers) as r:
+        with client.stream("POST", f"{self.url}/v1/{path}", json=body, headers=headers) as r:
             text = r.read().decode(errors="replace")
         if r.status_code != 200:
-            return f"{r.status_code}: {text[:200]}"
-        if stream and "data: [DONE]" not in text:
+            return f"{path} {r.status_code}: {text[:200]}"
+        if body.get("stream") and "data: [DONE]" not in text:
             return f"stream cut: {text[-200:]!r}"
         return None
 
-    def _work(self) -> None:
-        stream = False
+    def _work(self, offset: int) -> None:
         # a connection per request: nginx, reloaded when a host leaves or rejoins, closes its
         # idle keep-alive connections, and a request sent on one as it closes is lost without
         # an answer (seen once); AWS's load balancer changes targets without that race
         with httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-            while not self._stop.is_set():
-                stream = not stream
+            for i in itertools.count(offset):
+                if self._stop.is_set():
+                    return
                 try:
-                    failure = self._one(client, stream)
+                    failure = self._one(client, *self.requests[i % len(self.requests)])
                 except httpx.HTTPError as e:
                     failure = f"{type(e).__name__}: {e}"
                 if failure:

@@ -31,6 +31,7 @@ ANSIBLE = local.ROOT / "ansible"
 BIN = local.ROOT / ".venv" / "bin"
 MODELS = declaration.load()
 GENERATE = next(m.name for m in MODELS if m.task == "generate")
+EMBED = next(m.name for m in MODELS if m.task == "embed")
 NAMES = ("llm-gpu-0", "llm-gpu-1")  # Terraform's names for a deployment's two hosts
 # the hosts' own certificates are self-signed behind a load balancer, which does not check them
 NO_VERIFY = ssl.create_default_context()
@@ -198,30 +199,50 @@ def _started(h) -> dict[str, str]:
     return dict(zip(units, out, strict=True))
 
 
-def test_a_rolling_restart_under_load_fails_no_request(fleet_hosts):
-    """Last: rolling_restart.yml drains, restarts and puts back both hosts, one at a time,
-    while clients keep completions and streams going through the load balancer. It restarts
-    the gateways only (vllm_restart_only: []): on this 2-core machine a vLLM CPU engine that
-    restarts while the other host serves took 8 minutes, once more than 15 (its worker never
-    came up), so engine restarts stay with the converge and reboot tests; draining around them
-    is proven against a real gateway in tests/integration/test_drain*.py."""
-    lb, hosts = fleet_hosts["lb"], fleet_hosts["hosts"]
-    key = keys_cli(fleet_hosts, "create", f"roll-{time.time_ns()}", "--rpm", "100000",
+def _roll_under_load(f, playbook: str, extra: dict, log: str) -> dict[str, set[str]]:
+    """`playbook` while clients keep completions, streams and embeddings going through the
+    load balancer; no request may fail, and each host must leave the pool and come back
+    before the other leaves. Returns the units each host restarted."""
+    lb, hosts = f["lb"], f["hosts"]
+    key = keys_cli(f, "create", f"roll-{time.time_ns()}", "--rpm", "100000",
                    "--tpm", "100000000", "--concurrency", "64")
     _wait_for(lambda: all(_status(h.address, key) == 200 for h in hosts.values()), 30,
               "the key is known")
     before = {n: _started(h) for n, h in hosts.items()}
     t0 = len(lb.transitions)
-    with fleet.Load(lb.url, key, GENERATE) as load:
+    with fleet.Load(lb.url, key, GENERATE, embed=EMBED) as load:
         _wait_for(lambda: load.ok >= 10, 120, "traffic flows before the roll")
-        _ansible(fleet_hosts["tmp"], fleet_hosts["inventory"], "playbooks/rolling_restart.yml",
-                 {**fleet_hosts["extra"], "vllm_restart_only": []}, "roll.log")
+        _ansible(f["tmp"], f["inventory"], playbook, {**f["extra"], **extra}, log)
     assert not load.failures, load.failures[:10]
     assert load.ok >= 30, load.ok
-    # each host left the pool and came back before the other left
     assert lb.transitions[t0:] == [(NAMES[0], False), (NAMES[0], True),
                                    (NAMES[1], False), (NAMES[1], True)], lb.transitions
-    restarted = {"gateway.service"}
-    for n, h in hosts.items():
-        after = _started(h)
-        assert {u for u in after if after[u] != before[n][u]} == restarted, (n, before, after)
+    after = {n: _started(h) for n, h in hosts.items()}
+    return {n: {u for u in after[n] if after[n][u] != before[n][u]} for n in hosts}
+
+
+def test_a_rolling_restart_under_load_fails_no_request(fleet_hosts):
+    """rolling_restart.yml of the gateways (vllm_restart_only: []): engine restarts under
+    load are the model update's test below, which restarts the smallest engine only; on this
+    2-core machine a generation engine restarted beside a serving host took 8 minutes."""
+    restarted = _roll_under_load(fleet_hosts, "playbooks/rolling_restart.yml",
+                                 {"vllm_restart_only": []}, "roll.log")
+    assert restarted == {n: {"gateway.service"} for n in NAMES}, restarted
+
+
+def test_a_model_update_under_load_restarts_the_changed_engine_and_fails_no_request(
+        fleet_hosts):
+    """Last (it leaves the hosts on a changed declaration): model_update.yml with one model's
+    engine setting changed restarts that engine on each host, drained, and nothing else. A
+    roll that restarted the engine without draining first fails here: its requests get 503
+    until the balancer sees the host's /ready fail."""
+    declared = yaml.safe_load((ANSIBLE / "group_vars/all/models.yml").read_text())["llm_models"]
+    changed = [{**m, "max_num_seqs": m["max_num_seqs"] // 2} if m["name"] == EMBED else m
+               for m in declared]
+    restarted = _roll_under_load(fleet_hosts, "playbooks/model_update.yml",
+                                 {"llm_models": changed}, "model_update.log")
+    assert restarted == {n: {f"vllm@{EMBED}.service"} for n in NAMES}, restarted
+    seqs = next(m["max_num_seqs"] for m in changed if m["name"] == EMBED)
+    for h in fleet_hosts["hosts"].values():
+        env = h.ssh(f"cat /etc/vllm/{EMBED}.env", check=True).stdout
+        assert f"--max-num-seqs {seqs} " in env

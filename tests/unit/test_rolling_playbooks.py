@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from stack.render import ROLES
+from tests.support.ansible_eval import role_value
 
 PLAYBOOKS = ROLES.parent / "playbooks"
 
@@ -75,3 +76,32 @@ def test_every_operations_playbook_sees_the_site_wide_variables(tmp_path):
     seen = json.loads(proc.stdout)
     assert [m["name"] for m in seen["llm_models"]], seen.keys()
     assert "nginx_metrics_port" in seen
+
+
+def _restarted_by_handler(**registered) -> list[str]:
+    handler = next(h for h in yaml.safe_load((ROLES / "vllm/handlers/main.yml").read_text())
+                   if h["name"] == "Restart vLLM instances")
+    models = yaml.safe_load((ROLES.parent / "group_vars/all/models.yml").read_text())
+    return role_value("vllm", handler["vars"]["vllm_restart_only"],
+                      llm_models=models["llm_models"], **registered)
+
+
+def _env_files(*changed: str) -> dict:
+    return {"results": [{"changed": n in changed, "vllm_instance": {"name": n}}
+                        for n in ("text2sql", "sqlcoder", "embed")]}
+
+
+def test_a_model_update_restarts_only_the_engines_whose_settings_changed():
+    """model_update.yml promises to restart what changed: one model's new limit or revision
+    restarts that engine, not every engine of the host."""
+    assert _restarted_by_handler(vllm_env_files=_env_files("embed"),
+                                 vllm_unit_file={"changed": False},
+                                 vllm_engine_install={"changed": False}) == ["embed"]
+    assert _restarted_by_handler(vllm_env_files=_env_files("sqlcoder", "embed")) == [
+        "sqlcoder", "embed"]
+    # the unit or vLLM itself changed: every engine runs the new one
+    every = ["text2sql", "sqlcoder", "embed"]
+    assert _restarted_by_handler(vllm_env_files=_env_files(),
+                                 vllm_unit_file={"changed": True}) == every
+    assert _restarted_by_handler(vllm_env_files=_env_files("embed"),
+                                 vllm_engine_install={"changed": True}) == every
