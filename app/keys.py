@@ -419,6 +419,36 @@ def cmd_list(args: argparse.Namespace, store: KeySet) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace, store: KeySet) -> int:
+    """Add the records of a keys file that the key set lacks (by id): a host's own keys moved
+    into the deployment's store, with nothing there overwritten."""
+    records = read_records(args.keys_file, missing_ok=False)
+
+    def change(current: list[KeyRecord]) -> list[KeyRecord]:
+        known = {r.id for r in current}
+        new = [r for r in records if r.id not in known]
+        current.extend(new)
+        return new
+
+    new = store.update(change)
+    print(f"imported {len(new)} of {len(records)} keys from {args.keys_file}"
+          + (f": {', '.join(r.name for r in new)}" if new else " (the others were there)"),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_missing(args: argparse.Namespace, store: KeySet) -> int:
+    """The working keys of a keys file that the key set lacks, one per line; exit 3 when there
+    is one. A host about to read the store instead of its file would refuse them."""
+    known = {r.id for r in store.read()}
+    now = time.time()
+    missing = [r for r in read_records(args.keys_file) if r.id not in known
+               and not r.revoked_at and not r.expired(now)]
+    for r in missing:
+        print(f"{r.name} (id {r.id})")
+    return 3 if missing else 0
+
+
 def _print_new(args: argparse.Namespace, key: str) -> None:
     # The key goes to stdout alone so scripts can capture it; the advice to stderr.
     print(key)
@@ -457,6 +487,11 @@ def _parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="show keys (never their secrets)")
     ls.add_argument("--all", action="store_true", help="include revoked and expired keys")
     ls.add_argument("--json", action="store_true")
+    i = sub.add_parser("import", help="add the keys of a keys file that are not there yet")
+    i.add_argument("keys_file", type=Path, metavar="FILE")
+    m = sub.add_parser("missing", help="the working keys of a keys file that are not there "
+                       "(exit 3 when there is one)")
+    m.add_argument("keys_file", type=Path, metavar="FILE")
     return p
 
 
@@ -488,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{flag} must be at least 1", file=sys.stderr)
             return 2
     handler = {"create": cmd_create, "rotate": cmd_rotate, "revoke": cmd_revoke,
-               "list": cmd_list}[args.command]
+               "list": cmd_list, "import": cmd_import, "missing": cmd_missing}[args.command]
     try:
         return handler(args, _key_set(args))
     except (KeyStoreError, ConfigError, OSError) as e:

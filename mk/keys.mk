@@ -7,6 +7,7 @@
 #   make key-rotate NAME=analytics [GRACE=10]      (minutes the old key keeps working)
 #   make key-revoke NAME=analytics
 #   make key-list [ALL=1]
+#   make key-import FILE=keys.json   (a host's own keys file into the store; nothing overwritten)
 NAME ?=
 MODELS ?=
 RPM ?=
@@ -23,7 +24,9 @@ KEYS_CLI = where=$$($(AWS_OPS) key-store) || exit $$?; \
 	[ -n "$$where" ] || where="--file $(LOCAL_KEYS_FILE)"; \
 	$(PY) -m app.keys $$where
 
-.PHONY: key-name key-create key-rotate key-revoke key-list
+FILE ?=
+
+.PHONY: key-name key-create key-rotate key-revoke key-list key-import
 
 key-name:
 	@test -n "$(NAME)" || { echo "error: name the key: NAME=<name> (letters, digits, . _ -)"; exit 2; }
@@ -41,3 +44,7 @@ key-revoke: venv key-name ## stop a key from working on every host: NAME=...
 
 key-list: venv ## the keys (names, limits; never secrets): [ALL=1] includes revoked and expired
 	@$(KEYS_CLI) list $(if $(ALL),--all)
+
+key-import: venv ## add a keys file's keys to the deployment's store, overwriting none: FILE=keys.json
+	@test -n "$(FILE)" || { echo "error: name the keys file: FILE=<path> (make ssh CMD='sudo cat /etc/llm-gateway/keys.json' > keys.json)"; exit 2; }
+	@$(KEYS_CLI) import '$(FILE)'

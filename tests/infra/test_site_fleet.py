@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import ssl
@@ -48,6 +49,34 @@ def _ansible(tmp, inventory, playbook: str, extra: dict, log: str) -> str:
     return out.stdout
 
 
+def _move_own_keys(tmp, inventory, extra: dict, first, aws) -> dict:
+    """docs/aws.md, Growing from one host to several, step 4: the first host served alone
+    with keys in its own file (the simulated deploy made some); a key is added there, the
+    gateway role's guard must refuse to switch that host to the still empty store, then the
+    file goes into the store with `app.keys import` (what `make key-import` runs)."""
+    own = "/etc/llm-gateway/keys.json"
+    key = first.ssh(f"/opt/llm-gateway/venv/bin/python -m app.keys --file {own} "
+                    f"create moved-{time.time_ns()}", check=True).stdout.strip()
+    (tmp / "guard.yml").write_text(yaml.safe_dump([{
+        "hosts": NAMES[0], "become": True, "gather_facts": False,
+        "tasks": [{"ansible.builtin.include_role": {
+            "name": "gateway", "tasks_from": "keys_store_guard.yml"}}]}]))
+    (tmp / "extra.yml").write_text(yaml.safe_dump(extra))
+    guard = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory),
+                            str(tmp / "guard.yml"), "-e", f"@{tmp / 'extra.yml'}"],
+                           cwd=ANSIBLE, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "ANSIBLE_CALLBACK_RESULT_FORMAT": "json"})
+    copy = tmp / "own-keys.json"
+    copy.write_text(first.ssh(f"cat {own}", check=True).stdout)
+    imported = subprocess.run([str(BIN / "python"), "-m", "app.keys", "--store",
+                               fleet.KEYS_OBJECT, "import", str(copy)],
+                              capture_output=True, text=True, timeout=60, cwd=local.ROOT,
+                              env={**aws.env(), "PATH": "/usr/bin:/bin"})
+    assert imported.returncode == 0, imported.stderr
+    copy.unlink()
+    return {"key": key, "guard": guard, "imported": imported.stderr}
+
+
 @pytest.fixture(scope="module")
 def fleet_hosts(test_hosts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
@@ -73,10 +102,11 @@ def fleet_hosts(test_hosts, tmp_path_factory):
         inventory.write_text(yaml.safe_dump(fleet.inventory(hosts, redis.port, key, tmp)))
         extra = {**sim.ansible_overrides(local.model_paths(MODELS)),
                  **sim.fleet_overrides(aws.endpoint)}
+        moved = _move_own_keys(tmp, inventory, extra, hosts[NAMES[0]], aws)
         converge = _ansible(tmp, inventory, "site.yml", extra, "site.log")
         lb = fleet.LoadBalancer(tmp / "lb", {n: h.address for n, h in hosts.items()})
         yield {"hosts": hosts, "aws": aws, "redis": redis, "lb": lb, "tmp": tmp,
-               "inventory": inventory, "extra": extra, "converge": converge}
+               "inventory": inventory, "extra": extra, "converge": converge, "moved": moved}
     finally:
         for part in (lb, redis, aws):
             if part:
@@ -130,6 +160,19 @@ def test_a_key_made_once_works_on_every_host_and_a_revoked_one_nowhere(fleet_hos
     keys_cli(fleet_hosts, "revoke", name)
     _wait_for(lambda: all(_status(a, key) == 401 for a in addresses), 30,
               "both hosts refuse the revoked key")
+
+
+def test_a_single_hosts_own_keys_move_into_the_store_and_work_on_every_host(fleet_hosts):
+    moved = fleet_hosts["moved"]
+    guard = moved["guard"].stdout
+    # before the import the switch was refused, naming the key and the way out
+    assert moved["guard"].returncode != 0, guard
+    assert re.search(r"working key\(s\) of /etc/llm-gateway/keys\.json on this host are not in "
+                     r"the key store .*: .*moved-\d+ \(id ", guard), guard[-3000:]
+    assert "make key-import FILE=keys.json" in guard
+    assert "imported" in moved["imported"] and moved["key"] not in moved["imported"]
+    for h in fleet_hosts["hosts"].values():
+        assert _status(h.address, moved["key"]) == 200, h.name
 
 
 def test_a_keys_budget_is_exact_across_both_hosts(fleet_hosts):

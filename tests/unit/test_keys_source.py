@@ -146,3 +146,37 @@ def test_a_malformed_object_is_refused_with_the_way_back(s3):
     s3.put_object(Bucket="llm-keys-test", Key="keys.json", Body=b"{not json")
     with pytest.raises(KeyStoreError, match=r"is malformed: .*list-object-versions"):
         S3Keys(STORE, "us-east-1").read()
+
+
+def test_a_hosts_own_keys_move_into_the_store_without_overwriting_it(s3, tmp_path, capsys):
+    """Growing from one host to several: the first host's keys file goes into the store,
+    which may hold keys made meanwhile; a second import adds nothing."""
+    host_file = tmp_path / "keys.json"
+    for name in ("alice", "bob"):
+        assert keys_cli.main(["--file", str(host_file), "create", name]) == 0
+    alice = capsys.readouterr().out.split()[0]
+    assert keys_cli.main(["--file", str(host_file), "revoke", "bob"]) == 0
+    assert keys_cli.main(["--store", STORE, "create", "carol"]) == 0
+    store = ["--store", STORE]
+    # before: alice would be refused by a host that reads the store (bob is revoked anyway)
+    capsys.readouterr()
+    assert keys_cli.main([*store, "missing", str(host_file)]) == 3
+    assert capsys.readouterr().out.startswith("alice (id ")
+    assert keys_cli.main([*store, "import", str(host_file)]) == 0
+    assert "imported 2 of 2 keys" in capsys.readouterr().err
+    assert keys_cli.main([*store, "missing", str(host_file)]) == 0
+    assert keys_cli.main([*store, "import", str(host_file)]) == 0
+    assert "imported 0 of 2" in capsys.readouterr().err
+    from app.keys_s3 import S3Keys
+
+    records = S3Keys(STORE, "us-east-1").read()
+    assert sorted(r.name for r in records) == ["alice", "bob", "carol"]
+    mirror = tmp_path / "mirror.json"
+    mirror.write_text(s3.get_object(Bucket="llm-keys-test", Key="keys.json")["Body"].read()
+                      .decode())
+    assert keys_cli.KeyStore(mirror).authenticate(alice).name == "alice"
+
+
+def test_importing_a_file_that_is_not_there_is_an_error(s3, tmp_path, capsys):
+    assert keys_cli.main(["--store", STORE, "import", str(tmp_path / "nope.json")]) == 1
+    assert "nope.json does not exist" in capsys.readouterr().err
