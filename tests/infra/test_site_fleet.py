@@ -273,6 +273,26 @@ def test_a_rolling_restart_under_load_fails_no_request(fleet_hosts):
     assert restarted == {n: {"gateway.service"} for n in NAMES}, restarted
 
 
+def _ready(h) -> dict:
+    return json.loads(h.ssh("curl -s http://127.0.0.1:8080/ready", check=True).stdout)
+
+
+def test_resume_yml_brings_back_a_host_left_drained_and_leaves_the_others(fleet_hosts):
+    """A roll stopped by hand (Ctrl-C runs no rescue) leaves its host drained."""
+    hosts = fleet_hosts["hosts"]
+    first, other = hosts[NAMES[0]], hosts[NAMES[1]]
+    first.ssh("systemctl kill --signal=SIGUSR1 --kill-who=main gateway.service", check=True)
+    _wait_for(lambda: _ready(first)["status"] == "draining", 30, "the host drains")
+    started = _started(other)
+    _ansible(fleet_hosts["tmp"], fleet_hosts["inventory"], "playbooks/resume.yml",
+             fleet_hosts["extra"], "resume.log")
+    for h in hosts.values():
+        ready = _ready(h)
+        assert (ready["status"], ready["accepting"]) == ("ready", True), (h.name, ready)
+    assert _started(other) == started
+    _wait_for(lambda: all(fleet_hosts["lb"].healthy.values()), 30, "the balancer takes it back")
+
+
 def test_a_model_update_under_load_restarts_the_changed_engine_and_fails_no_request(
         fleet_hosts):
     """Last (it leaves the hosts on a changed declaration): model_update.yml with one model's

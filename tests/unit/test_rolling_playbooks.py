@@ -105,3 +105,13 @@ def test_a_model_update_restarts_only_the_engines_whose_settings_changed():
                                  vllm_unit_file={"changed": True}) == every
     assert _restarted_by_handler(vllm_env_files=_env_files("embed"),
                                  vllm_engine_install={"changed": True}) == every
+
+
+def test_a_roll_stopped_by_hand_has_a_playbook_that_resumes_every_drained_host():
+    [play] = yaml.safe_load((PLAYBOOKS / "resume.yml").read_text())
+    assert play["hosts"] == "gpu_hosts" and "serial" not in play
+    assert [_step(t) for t in play["tasks"]] == ["gateway:resume.yml"]
+    # resume.yml signals only a gateway that says it is drained
+    [probe, signal] = _tasks("resume.yml")
+    assert "SIGUSR2" in signal["ansible.builtin.command"]["cmd"]
+    assert 'gateway_resume_probe.json.status == "draining"' in signal["when"]
