@@ -181,12 +181,15 @@ class Load:
     request fails when its status is not 200 or a stream ends without [DONE]."""
 
     def __init__(self, url: str, key: str, model: str, workers: int = 2,
-                 embed: str | None = None):
+                 embed: str | None = None, pause: float = 0.25):
         self.url, self.key = url, key
         self.requests = [("completions", {"model": model, "prompt": "SELECT", "max_tokens": 8,
                                           "stream": stream}) for stream in (False, True)]
         if embed:
             self.requests.append(("embeddings", {"model": embed, "input": "SELECT"}))
+        # between a worker's requests: steady traffic that leaves this 2-core machine's CPU to
+        # the engine restarting under it (back to back, a restart took over 10 minutes)
+        self.pause = pause
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
@@ -219,7 +222,7 @@ class Load:
         # an answer (seen once); AWS's load balancer changes targets without that race
         with httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             for i in itertools.count(offset):
-                if self._stop.is_set():
+                if self._stop.wait(self.pause if i > offset else 0):
                     return
                 try:
                     failure = self._one(client, *self.requests[i % len(self.requests)])
